@@ -1,0 +1,146 @@
+"""Run `healthagent serve` and `healthagent emulator` as real processes (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HEALTHAGENT = str(Path(sys.executable).parent / "healthagent")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The machine's environment without any HealthAgent or OpenAI setting, plus `extra`;
+    history goes to a fresh temporary directory unless `extra` says where."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HEALTHAGENT_"))}
+    env["HEALTHAGENT_DATA_DIR"] = tempfile.mkdtemp(prefix="healthagent-test-")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    log_file: IO[bytes]
+    seconds_to_serving: float
+
+    def log(self) -> str:
+        self.log_file.seek(0)
+        return self.log_file.read().decode()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def wait_serving(address: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                answer = stub.Check(
+                    health_pb2.HealthCheckRequest(service="healthagent.v1.HealthAgent"), timeout=1
+                )
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not become SERVING")
+            time.sleep(0.05)
+
+
+def start_serve(**env: str) -> ServeProcess:
+    """Start `healthagent serve` on a free loopback port and wait until it is SERVING."""
+    address = f"127.0.0.1:{free_port()}"
+    log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [HEALTHAGENT, "serve", "--listen", address],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=clean_env(**env),
+    )
+    try:
+        wait_serving(address)
+    except TimeoutError:
+        process.kill()
+        log_file.seek(0)
+        raise RuntimeError(log_file.read().decode()) from None
+    return ServeProcess(process, address, log_file, time.monotonic() - started)
+
+
+@dataclass
+class EmulatorProcess:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    realtime_url: str
+    api_key: str
+
+    def service_env(self, workflow: str = "wf_test") -> dict[str, str]:
+        """Settings that point a service at this emulator as if it were OpenAI."""
+        return {
+            "HEALTHAGENT_UPSTREAM": "chatkit",
+            "OPENAI_BASE_URL": self.base_url,
+            "OPENAI_REALTIME_URL": self.realtime_url,
+            "OPENAI_API_KEY": self.api_key,
+            "OPENAI_WORKFLOW_ID": workflow,
+        }
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def start_emulator_process(
+    chunk_delay_ms: str = "5", api_key: str = "sk-shared-emulator", workflow: str = "wf_test"
+) -> EmulatorProcess:
+    """`healthagent emulator` on free loopback ports, shared by several service processes."""
+    process = subprocess.Popen(
+        [
+            HEALTHAGENT,
+            "emulator",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--realtime-listen",
+            f"127.0.0.1:{free_port()}",
+            "--api-key",
+            api_key,
+            "--workflow",
+            workflow,
+        ],
+        stdout=subprocess.PIPE,
+        env=clean_env(HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS=chunk_delay_ms),
+    )
+    assert process.stdout is not None
+    banner = json.loads(process.stdout.readline())
+    return EmulatorProcess(
+        process, banner["OPENAI_BASE_URL"], banner["OPENAI_REALTIME_URL"], api_key
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")

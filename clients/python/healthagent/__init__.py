@@ -1,0 +1,1 @@
+"""HealthAgent Python client: generated stubs (`healthagent.v1`) and a small client."""

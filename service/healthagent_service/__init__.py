@@ -1,0 +1,1 @@
+"""The HealthAgent gRPC service."""

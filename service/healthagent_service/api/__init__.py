@@ -1,0 +1,1 @@
+"""The gRPC API layer: validation, the servicer, errors -> status, events -> protobuf."""

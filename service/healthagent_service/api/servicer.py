@@ -1,0 +1,415 @@
+"""The HealthAgent RPC handlers: thin adapters between protobuf and the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import structlog
+
+from healthagent.v1 import health_agent_pb2 as pb
+from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.api import validation
+from healthagent_service.api.converter import timestamp, to_chat_response, to_conversation
+from healthagent_service.api.status import status_code, to_status
+from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
+from healthagent_service.history import export
+from healthagent_service.history.recorder import TurnRecorder
+from healthagent_service.history.store import ConversationStore
+from healthagent_service.metrics import Metrics
+from healthagent_service.revocation import SessionRevoker
+from healthagent_service.security.auth import Authenticator, Principal
+from healthagent_service.security.limits import Limiter
+from healthagent_service.upstream.chatkit import ChatKitUpstream
+from healthagent_service.upstream.events import (
+    ChatUpstream,
+    MintedSession,
+    ResponseDone,
+    TextDelta,
+    Usage,
+)
+from healthagent_service.upstream.realtime import RealtimeUpstream
+
+log = structlog.get_logger(__name__)
+Response = TypeVar("Response")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _request_id(context: Context) -> str:
+    """The caller's x-request-id if it is sane, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def _begin(context: Context, rpc: str) -> float:
+    request_id = _request_id(context)
+    structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
+    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    return time.perf_counter()
+
+
+async def _fail(context: Context, error: HealthAgentError, started: float) -> NoReturn:
+    log.info(
+        "rpc failed",
+        code=status_code(error).name,
+        reason=error.reason,
+        error=error.message,
+        duration_ms=_ms_since(started),
+    )
+    await context.abort_with_status(to_status(error))
+    raise AssertionError("abort_with_status returned")  # it always raises
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1e3, 2)
+
+
+def _internal(exc: Exception) -> HealthAgentError:
+    log.exception("unexpected error", exc_type=type(exc).__name__)
+    return HealthAgentError(
+        ErrorKind.INTERNAL, "INTERNAL", "internal error; the request id identifies it in the logs"
+    )
+
+
+def _shutting_down() -> HealthAgentError:
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE,
+        "SHUTTING_DOWN",
+        "the server is shutting down and its grace period ended; retry on another replica",
+        retry_after_seconds=1.0,
+    )
+
+
+def _client_too_slow(limit: float) -> HealthAgentError:
+    return HealthAgentError(
+        ErrorKind.RESOURCE_EXHAUSTED,
+        "CLIENT_TOO_SLOW",
+        f"the caller took no message for {limit:g} s; the stream was ended so the reply does "
+        "not pile up in the service",
+        retry_after_seconds=1.0,
+    )
+
+
+class HealthAgentServicer(pb_grpc.HealthAgentServicer):
+    """Authenticates, validates, limits, delegates to the upstream and the store, converts;
+    maps every failure to a status."""
+
+    def __init__(
+        self,
+        *,
+        chat: ChatUpstream,
+        chatkit: ChatKitUpstream,
+        realtime: RealtimeUpstream,
+        store: ConversationStore,
+        recorder: TurnRecorder,
+        revoker: SessionRevoker,
+        authenticator: Authenticator,
+        limiter: Limiter,
+        max_message_bytes: int = validation.MAX_MESSAGE_BYTES,
+        client_stall_seconds: float = 30.0,
+        metrics: Metrics | None = None,
+        upstream_name: str = "chatkit",
+    ) -> None:
+        self._chat = chat  # what Chat talks to: ChatKit or Realtime
+        self._chatkit = chatkit
+        self._realtime = realtime
+        self._store = store
+        self._recorder = recorder
+        self._revoker = revoker
+        self._auth = authenticator
+        self._limiter = limiter
+        self._max_message_bytes = max_message_bytes
+        self._client_stall_seconds = client_stall_seconds
+        self._metrics = metrics or Metrics()
+        self._upstream_name = upstream_name
+        self._active_chats: set[asyncio.Task[Any]] = set()
+        self._shutting_down = False
+
+    @property
+    def active_chats(self) -> int:
+        """Chat handlers running now."""
+        return len(self._active_chats)
+
+    def end_chats_for_shutdown(self) -> None:
+        """End every running Chat with UNAVAILABLE (SHUTTING_DOWN), before the server's grace
+        period runs out and gRPC cancels them with a less useful status."""
+        self._shutting_down = True
+        for task in list(self._active_chats):
+            task.cancel()
+
+    async def wait_for_chats(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until no Chat handler is running, so that shutdown
+        closes the store and the upstream connections only after they have unwound."""
+        if self._active_chats:
+            await asyncio.wait(list(self._active_chats), timeout=timeout)
+
+    def _record_stream(
+        self,
+        events: int,
+        *,
+        started: float,
+        waited: float,
+        first_chunk_at: float | None,
+        usage: Usage | None,
+        completed: bool,
+    ) -> None:
+        """Add one finished stream to the metrics (once per stream, not per chunk)."""
+        metrics, upstream = self._metrics, self._upstream_name
+        if first_chunk_at is not None:
+            metrics.time_to_first_chunk.labels(upstream).observe(first_chunk_at - started)
+        metrics.relayed_chunks.labels(upstream).inc(events)
+        if completed:
+            metrics.added_latency.labels(upstream).observe(time.perf_counter() - started - waited)
+        if usage is not None:
+            workflow = self._chatkit.workflow_id if upstream == "chatkit" else self._realtime.model
+            metrics.tokens.labels(workflow, "input").inc(usage.input_tokens)
+            metrics.tokens.labels(workflow, "output").inc(usage.output_tokens)
+
+    async def _fail(self, context: Context, error: HealthAgentError, started: float) -> NoReturn:
+        rpc = str(structlog.contextvars.get_contextvars().get("rpc", ""))
+        self._metrics.upstream_errors.labels(rpc, error.reason).inc()
+        await _fail(context, error, started)
+
+    async def _admit(self, principal: Principal, user: str) -> None:
+        """The caller may act for `user`, and `user` is within their request rate."""
+        principal.check_user(user)
+        await self._limiter.admit(user)
+
+    async def _unary(
+        self, context: Context, rpc: str, work: Callable[[Principal], Awaitable[Response]]
+    ) -> Response:
+        """Run a unary handler's work with a request id, the caller's identity, logging and
+        error mapping."""
+        started = await _begin(context, rpc)
+        try:
+            principal = await self._auth.authenticate(context.invocation_metadata())
+            response = await work(principal)
+        except HealthAgentError as error:
+            await self._fail(context, error, started)
+        except Exception as exc:
+            await self._fail(context, _internal(exc), started)
+        log.info("rpc finished", duration_ms=_ms_since(started))
+        return response
+
+    # -- MintSession -----------------------------------------------------------------------
+
+    async def MintSession(  # noqa: N802 - the name is the RPC's
+        self, request: pb.MintSessionRequest, context: Context
+    ) -> pb.MintSessionResponse:
+        async def work(principal: Principal) -> pb.MintSessionResponse:
+            mint = validation.mint_request(request)
+            await self._admit(principal, mint.user)
+            session = await self._mint(mint)
+            ttl = max(0, int(session.expires_at.timestamp() - time.time()))
+            log.info(
+                "session handed out",
+                session_id=session.id,
+                user=mint.user,
+                device_id=mint.device_id,
+                ttl_seconds=ttl,
+                principal=principal.name,
+            )
+            return pb.MintSessionResponse(
+                client_secret=session.client_secret,
+                session=pb.Session(
+                    id=session.id, expires_at=timestamp(session.expires_at), ttl_seconds=ttl
+                ),
+                workflow_id=session.workflow_id,
+                user=mint.user,
+                kind=mint.kind,  # type: ignore[arg-type]
+            )
+
+        return await self._unary(context, "MintSession", work)
+
+    async def _mint(self, mint: validation.MintRequest) -> MintedSession:
+        if mint.kind == pb.SESSION_KIND_REALTIME:
+            # Each caller gets its own ephemeral secret; they are not pooled or shared.
+            session = await self._realtime.mint(mint.ttl_seconds)
+            await self._store.record_session(session.id, mint.user, "realtime", session.expires_at)
+            return session
+        options = self._chatkit.session_options(
+            mint.user,
+            version=mint.version,
+            state_variables=mint.state_variables,
+            ttl_seconds=mint.ttl_seconds,
+        )
+        return await self._chatkit.pool.get(options)  # recorded by the pool's on_minted hook
+
+    # -- Chat ------------------------------------------------------------------------------
+
+    async def Chat(  # noqa: N802 - the name is the RPC's
+        self, request: pb.ChatRequest, context: Context
+    ) -> None:
+        started = await _begin(context, "Chat")
+        clock = time.perf_counter
+        waited = 0.0  # time spent waiting on the upstream
+        first_chunk_at: float | None = None
+        usage: Usage | None = None
+        completed = False
+        self._metrics.active_streams.inc()
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._active_chats.add(handler)
+        events = 0
+        ended = False  # stays False when the caller leaves (cancel, deadline, disconnect)
+        try:
+            principal = await self._auth.authenticate(context.invocation_metadata())
+            turn = validation.chat_request(request, self._max_message_bytes)
+            await self._admit(principal, turn.user)
+            log.info(
+                "chat started",
+                user=turn.user,
+                device_id=turn.device_id,
+                conversation_id=turn.conversation_id,
+                tool_output=turn.tool_output is not None,
+                principal=principal.name,
+            )
+            async with self._limiter.stream(turn.user):
+                # aclosing: however this handler ends, the upstream turn is closed at once.
+                stream = self._recorder.record(turn, self._chat.chat(turn))
+                write = context.write
+                stall_limit = self._client_stall_seconds
+                loop = asyncio.get_running_loop()
+                async with (
+                    contextlib.aclosing(stream) as upstream_events,
+                    asyncio.timeout(None) as stall,
+                ):
+                    next_event = upstream_events.__anext__
+                    while True:
+                        waiting_since = clock()
+                        try:
+                            event = await next_event()
+                        except StopAsyncIteration:
+                            break
+                        now = clock()
+                        waited += now - waiting_since
+                        if first_chunk_at is None and type(event) is TextDelta:
+                            first_chunk_at = now
+                        elif type(event) is ResponseDone:
+                            usage = event.usage
+                        # gRPC flow control makes a write wait while the caller reads slowly
+                        # (so upstream reading waits too, and nothing piles up); a caller that
+                        # takes no message for `stall_limit` seconds is cut off.
+                        stall.reschedule(loop.time() + stall_limit)
+                        await write(to_chat_response(event))
+                        stall.reschedule(None)
+                        events += 1
+            ended = completed = True
+        except TimeoutError:
+            ended = True
+            await self._fail(context, _client_too_slow(self._client_stall_seconds), started)
+        except asyncio.CancelledError:
+            if not self._shutting_down:
+                raise  # the caller left; there is no one to tell
+            ended = True
+            await self._fail(context, _shutting_down(), started)
+        except HealthAgentError as error:
+            ended = True
+            await self._fail(context, error, started)
+        except Exception as exc:
+            ended = True
+            await self._fail(context, _internal(exc), started)
+        finally:
+            self._metrics.active_streams.dec()
+            self._record_stream(
+                events,
+                started=started,
+                waited=waited,
+                first_chunk_at=first_chunk_at,
+                usage=usage,
+                completed=completed,
+            )
+            if handler is not None:
+                self._active_chats.discard(handler)
+            if not ended:
+                log.info("chat cancelled", events=events, duration_ms=_ms_since(started))
+        log.info("chat finished", events=events, duration_ms=_ms_since(started))
+
+    # -- history ---------------------------------------------------------------------------
+
+    async def ListConversations(  # noqa: N802 - the name is the RPC's
+        self, request: pb.ListConversationsRequest, context: Context
+    ) -> pb.ListConversationsResponse:
+        async def work(principal: Principal) -> pb.ListConversationsResponse:
+            user = validation.user_only(request.user)
+            await self._admit(principal, user)
+            page = await self._store.list_conversations(user, request.page_size, request.page_token)
+            return pb.ListConversationsResponse(
+                conversations=[to_conversation(c) for c in page.conversations],
+                next_page_token=page.next_page_token,
+            )
+
+        return await self._unary(context, "ListConversations", work)
+
+    async def _owned(self, principal: Principal, user: str, conversation_id: str) -> Any:
+        user, conversation_id = validation.user_and_conversation(user, conversation_id)
+        await self._admit(principal, user)
+        conversation = await self._store.get_conversation(user, conversation_id)
+        if conversation is None:
+            raise conversation_not_found(conversation_id)
+        return conversation
+
+    async def GetConversation(  # noqa: N802 - the name is the RPC's
+        self, request: pb.GetConversationRequest, context: Context
+    ) -> pb.GetConversationResponse:
+        async def work(principal: Principal) -> pb.GetConversationResponse:
+            conversation = await self._owned(principal, request.user, request.conversation_id)
+            return pb.GetConversationResponse(conversation=to_conversation(conversation))
+
+        return await self._unary(context, "GetConversation", work)
+
+    async def DeleteConversation(  # noqa: N802 - the name is the RPC's
+        self, request: pb.DeleteConversationRequest, context: Context
+    ) -> pb.DeleteConversationResponse:
+        async def work(principal: Principal) -> pb.DeleteConversationResponse:
+            user, conversation_id = validation.user_and_conversation(
+                request.user, request.conversation_id
+            )
+            await self._admit(principal, user)
+            if not await self._store.delete_conversation(user, conversation_id):
+                raise conversation_not_found(conversation_id)
+            return pb.DeleteConversationResponse()
+
+        return await self._unary(context, "DeleteConversation", work)
+
+    async def ExportConversation(  # noqa: N802 - the name is the RPC's
+        self, request: pb.ExportConversationRequest, context: Context
+    ) -> pb.ExportConversationResponse:
+        async def work(principal: Principal) -> pb.ExportConversationResponse:
+            markdown = validation.export_format(request.format) == pb.EXPORT_FORMAT_MARKDOWN
+            conversation = await self._owned(principal, request.user, request.conversation_id)
+            if markdown:
+                return pb.ExportConversationResponse(
+                    content_type="text/markdown; charset=utf-8",
+                    filename=f"{conversation.id}.md",
+                    content=export.to_markdown(conversation),
+                )
+            return pb.ExportConversationResponse(
+                content_type="application/json",
+                filename=f"{conversation.id}.json",
+                content=export.to_json(conversation),
+            )
+
+        return await self._unary(context, "ExportConversation", work)
+
+    async def RevokeSessions(  # noqa: N802 - the name is the RPC's
+        self, request: pb.RevokeSessionsRequest, context: Context
+    ) -> pb.RevokeSessionsResponse:
+        async def work(principal: Principal) -> pb.RevokeSessionsResponse:
+            user = validation.user_only(request.user)
+            await self._admit(principal, user)
+            revoked, closed = await self._revoker.revoke(user)
+            return pb.RevokeSessionsResponse(revoked_sessions=revoked, closed_sockets=closed)
+
+        return await self._unary(context, "RevokeSessions", work)

@@ -1,0 +1,179 @@
+"""`healthagent` command: serve, chat, mint, emulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+import grpc
+import structlog
+from google.protobuf import json_format
+from pydantic import ValidationError
+
+from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
+from healthagent_service.config import DEFAULT_LISTEN, Settings
+from healthagent_service.logging import configure_logging
+
+DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
+DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="healthagent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve.add_argument(
+        "--listen", help=f"HOST:PORT (default HEALTHAGENT_LISTEN or {DEFAULT_LISTEN})"
+    )
+    chat = commands.add_parser("chat", help="send one message and print the reply as it streams")
+    chat.add_argument("--target", default=DEFAULT_TARGET)
+    chat.add_argument(
+        "--token",
+        default=os.environ.get("HEALTHAGENT_TOKEN"),
+        help="JWT or API key to send (default: $HEALTHAGENT_TOKEN)",
+    )
+    chat.add_argument("--user", default="cli-user")
+    chat.add_argument("--conversation", help="conversation id to continue")
+    chat.add_argument("--events", action="store_true", help="print every event as JSON")
+    chat.add_argument("text")
+    mint = commands.add_parser("mint", help="mint a session and print it as JSON")
+    mint.add_argument("--target", default=DEFAULT_TARGET)
+    mint.add_argument(
+        "--token",
+        default=os.environ.get("HEALTHAGENT_TOKEN"),
+        help="JWT or API key to send (default: $HEALTHAGENT_TOKEN)",
+    )
+    mint.add_argument("--user", required=True)
+    mint.add_argument("--device-id", default="")
+    emulator = commands.add_parser("emulator", help="run the ChatKit emulator alone")
+    emulator.add_argument(
+        "--listen",
+        default=DEFAULT_EMULATOR_LISTEN,
+        help="HOST:PORT for HTTP (ChatKit, client secrets)",
+    )
+    emulator.add_argument(
+        "--realtime-listen",
+        default=DEFAULT_EMULATOR_REALTIME_LISTEN,
+        help="HOST:PORT for the Realtime WebSocket",
+    )
+    emulator.add_argument("--api-key", help="the key it accepts (default: printed at start)")
+    emulator.add_argument(
+        "--workflow",
+        action="append",
+        default=[],
+        help="a workflow id it knows (repeatable; wf_emulator always)",
+    )
+    return parser
+
+
+def _print_error(error: grpc.aio.AioRpcError) -> int:
+    print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+    return 1
+
+
+async def _chat(options: argparse.Namespace) -> int:
+    async with AsyncHealthAgentClient(options.target, token=options.token) as client:
+        try:
+            async for event in client.chat(
+                options.text, user=options.user, conversation_id=options.conversation
+            ):
+                kind = event.WhichOneof("event")
+                if options.events:
+                    print(json_format.MessageToJson(event, indent=None))
+                elif kind == "session":
+                    print(f"[conversation {event.session.conversation_id}]", file=sys.stderr)
+                elif kind == "chunk":
+                    print(event.chunk.text, end="", flush=True)
+                elif kind == "tool_call":
+                    print(
+                        f"\n[tool call {event.tool_call.name} {event.tool_call.arguments_json}"
+                        f" id={event.tool_call.call_id}]",
+                        file=sys.stderr,
+                    )
+                elif kind == "notice":
+                    print(f"[notice] {event.notice.message}", file=sys.stderr)
+                elif kind == "response_done" and not options.events:
+                    print()
+        except grpc.aio.AioRpcError as error:
+            return _print_error(error)
+    return 0
+
+
+async def _mint(options: argparse.Namespace) -> int:
+    async with AsyncHealthAgentClient(options.target, token=options.token) as client:
+        try:
+            response = await client.mint_session(options.user, device_id=options.device_id)
+        except grpc.aio.AioRpcError as error:
+            return _print_error(error)
+    print(json_format.MessageToJson(response))
+    return 0
+
+
+async def _emulator(options: argparse.Namespace, settings: Settings) -> int:
+    from healthagent_service.emulator.embedded import start_emulator
+    from healthagent_service.server import parse_listen
+
+    api_key = options.api_key or f"sk-emulator-{secrets.token_urlsafe(12)}"
+    host, port = parse_listen(options.listen)
+    realtime_host, realtime_port = parse_listen(options.realtime_listen)
+    if realtime_host != host:
+        raise ValueError("--listen and --realtime-listen must use the same host")
+    emulator = await start_emulator(
+        settings,
+        api_key,
+        host=host,
+        port=port,
+        realtime_port=realtime_port,
+        extra_workflows=options.workflow,
+    )
+    banner = {
+        "OPENAI_BASE_URL": emulator.base_url,
+        "OPENAI_REALTIME_URL": emulator.realtime_url,
+        "OPENAI_API_KEY": api_key if not options.api_key else "(as given)",
+        "workflows": sorted(emulator.chatkit.config.workflows),
+    }
+    print(json.dumps(banner), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await emulator.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `healthagent` console script."""
+    options = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            setting = ".".join(str(part) for part in problem["loc"])
+            print(f"healthagent: invalid setting {setting}: {problem['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if options.command == "serve":
+            from healthagent_service.server import serve
+
+            asyncio.run(serve(settings, options.listen))
+            return 0
+        if options.command == "chat":
+            return asyncio.run(_chat(options))
+        if options.command == "mint":
+            return asyncio.run(_mint(options))
+        return asyncio.run(_emulator(options, settings))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError) as error:
+        # a bad listen address, a port already in use, an emulator port taken
+        structlog.get_logger().error("cannot start", error=str(error))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The built-in offline upstream: ChatKit sessions and conversations over real HTTP."""

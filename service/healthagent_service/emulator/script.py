@@ -1,0 +1,114 @@
+"""What the emulator answers: deterministic replies, steered by trigger phrases.
+
+Trigger phrases (anywhere in the user's message, case-insensitive):
+
+| phrase        | effect                                                                        |
+|---------------|-------------------------------------------------------------------------------|
+| `[tool]`      | the reply ends with a pending client tool call `get_health_data`              |
+| `[notice]`    | a warning notice comes before the reply                                       |
+| `[error]`     | ChatKit: after two chunks an `error` event (stream.error, retryable);         |
+|               | Realtime: a non-fatal `error` event before the response                       |
+| `[fatal]`     | ChatKit: after two chunks a non-retryable `error` event (code `custom`)       |
+| `[malformed]` | ChatKit: after two chunks an event that is not JSON                           |
+| `[drop]`      | after two chunks the connection is cut without finishing the response         |
+| `[stall]`     | after two chunks the stream stalls (EMULATOR_SLOW_FIRST_BYTE_SECONDS setting) |
+| `[nodata]`    | ChatKit: the closing events are sent without their `data:` prefix             |
+| `[huge]`      | ChatKit: after two chunks, one 9 MiB line                                      |
+| `[noend]`     | ChatKit: after two chunks the body ends cleanly, without the closing events   |
+| `[slow]`      | the first byte is delayed (HEALTHAGENT_EMULATOR_SLOW_FIRST_BYTE_SECONDS)      |
+| `[http NNN]`  | the conversation request is answered with HTTP NNN and the error envelope     |
+|               | (429 carries `Retry-After: 2`)                                                |
+| `[ratelimit]` | ChatKit: HTTP 429; Realtime: `response.done` failed with rate_limit_exceeded  |
+| `[chunks=N]`  | the reply is exactly N chunks of about 20 bytes (1..100000)                   |
+
+The same `Reply` drives the emulator and, in the tests, a real `openai-chatkit` server, so the
+two can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+TOOL_NAME = "get_health_data"
+TOOL_ARGUMENTS: dict[str, Any] = {"metric": "steps", "days": 7}
+PROGRESS_TEXT = "Thinking"
+NOTICE = ("warning", "Emulator notice", "This notice was requested with [notice].")
+CHUNKS_BEFORE_FAILURE = 2
+FATAL_MESSAGE = "Emulated fatal error."
+RATE_LIMIT_RETRY_AFTER_SECONDS = 2
+MAX_CHUNKS = 100_000
+_HTTP_TRIGGER = re.compile(r"\[http (\d{3})\]", re.IGNORECASE)
+_CHUNKS_TRIGGER = re.compile(r"\[chunks=(\d{1,6})\]", re.IGNORECASE)
+_FILLER = "lorem ipsum dolor "  # 18 bytes; with the index, chunks are about 20 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One scripted assistant turn."""
+
+    chunks: tuple[str, ...]
+    notice: tuple[str, str, str] | None = None
+    tool_call: bool = False
+    fail_after: int | None = None  # emit an error event after this many chunks
+    fatal_after: int | None = None  # emit a non-retryable error event after this many chunks
+    malformed_after: int | None = None  # emit a non-JSON event after this many chunks
+    stall_after: int | None = None  # stall (slow_first_byte_seconds) after this many chunks
+    huge_after: int | None = None  # emit one oversized line after this many chunks
+    end_after: int | None = None  # end the body cleanly after this many chunks
+    no_data_prefix: bool = False  # send the closing events without `data:`
+    drop_after: int | None = None  # cut the connection after this many chunks
+    slow_first_byte: bool = False
+    http_status: int | None = None
+    rate_limited: bool = False
+
+    @property
+    def text(self) -> str:
+        """The whole assistant text."""
+        return "".join(self.chunks)
+
+
+def split_words(text: str) -> tuple[str, ...]:
+    """Chunks of one word each, keeping the spaces, so joining them restores `text`."""
+    return tuple(re.findall(r"\S+\s*|\s+", text)) or ("",)
+
+
+def plan_reply(
+    message: str | None, tool_result: Any = None, *, has_tool_result: bool = False
+) -> Reply:
+    """The reply to a user message, or to a tool result when `has_tool_result`."""
+    if has_tool_result:
+        text = f"Thanks. The tool returned {json.dumps(tool_result, sort_keys=True)}."
+        return Reply(split_words(text))
+    message = message or ""
+    lowered = message.lower()
+    http = _HTTP_TRIGGER.search(message)
+    count = _CHUNKS_TRIGGER.search(message)
+    if count is not None:
+        n = max(1, min(MAX_CHUNKS, int(count.group(1))))
+        chunks: tuple[str, ...] = tuple(f"{i:02d} {_FILLER}"[:20] for i in range(n))
+    else:
+        chunks = split_words(
+            f"You said: {message.strip()}. This reply comes from the HealthAgent emulator."
+        )
+    tool = "[tool]" in lowered
+    if tool:
+        chunks = split_words("Let me look at your recent activity.")
+    return Reply(
+        chunks=chunks,
+        notice=NOTICE if "[notice]" in lowered else None,
+        tool_call=tool,
+        fail_after=CHUNKS_BEFORE_FAILURE if "[error]" in lowered else None,
+        drop_after=CHUNKS_BEFORE_FAILURE if "[drop]" in lowered else None,
+        fatal_after=CHUNKS_BEFORE_FAILURE if "[fatal]" in lowered else None,
+        malformed_after=CHUNKS_BEFORE_FAILURE if "[malformed]" in lowered else None,
+        stall_after=CHUNKS_BEFORE_FAILURE if "[stall]" in lowered else None,
+        huge_after=CHUNKS_BEFORE_FAILURE if "[huge]" in lowered else None,
+        end_after=CHUNKS_BEFORE_FAILURE if "[noend]" in lowered else None,
+        no_data_prefix="[nodata]" in lowered,
+        slow_first_byte="[slow]" in lowered,
+        http_status=int(http.group(1)) if http else (429 if "[ratelimit]" in lowered else None),
+        rate_limited="[ratelimit]" in lowered,
+    )

@@ -1,0 +1,1 @@
+"""Conversation history and upstream-session records: one interface, SQLite or PostgreSQL."""

@@ -1,0 +1,28 @@
+"""Picks the store from the settings: PostgreSQL when a database URL is set, else SQLite."""
+
+from __future__ import annotations
+
+from healthagent_service.config import Settings
+from healthagent_service.history.postgres_store import PostgresStore
+from healthagent_service.history.sqlite_store import SQLiteStore
+from healthagent_service.history.store import ConversationStore
+
+SQLITE_FILE = "healthagent.db"
+
+
+def store_from_settings(settings: Settings) -> ConversationStore:
+    """The configured store, not yet opened."""
+    if settings.database_url is not None:
+        return PostgresStore(
+            settings.database_url.get_secret_value(),
+            settings.database_schema,
+            settings.database_pool_size,
+        )
+    return SQLiteStore(settings.data_dir / SQLITE_FILE)
+
+
+def describe_store(settings: Settings) -> str:
+    """Where history goes, for the start-up log (never the URL: it may hold a password)."""
+    if settings.database_url is not None:
+        return f"PostgreSQL (schema {settings.database_schema})"
+    return f"SQLite at {settings.data_dir / SQLITE_FILE}"

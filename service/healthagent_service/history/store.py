@@ -1,0 +1,129 @@
+"""The store interface both backends implement, and what they share (page tokens, ids)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from healthagent_service.errors import FieldViolation, invalid_argument
+from healthagent_service.history.models import (
+    Conversation,
+    ConversationPage,
+    NewTurn,
+    TurnOutcome,
+)
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+RevocationListener = Callable[[str], Coroutine[Any, Any, None]]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_message_id() -> str:
+    return f"hamsg_{secrets.token_hex(12)}"
+
+
+def encode_page_token(user: str, updated_at: datetime, conversation_id: str) -> str:
+    """An opaque token for the page after (updated_at, id), bound to the user (AIP-158)."""
+    raw = json.dumps({"u": user, "t": updated_at.isoformat(), "i": conversation_id})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(user: str, token: str) -> tuple[datetime, str] | None:
+    """(updated_at, id) from a token; INVALID_ARGUMENT if it is not one of ours for `user`."""
+    if not token:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if raw["u"] != user:
+            raise ValueError("token of another user")
+        return datetime.fromisoformat(raw["t"]), str(raw["i"])
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise invalid_argument(
+            [FieldViolation("page_token", "is not a token from a previous ListConversations call")]
+        ) from None
+
+
+def check_page_size(page_size: int) -> int:
+    """AIP-158: 0 means the default, larger than the maximum is capped, negative is invalid."""
+    if page_size < 0:
+        raise invalid_argument([FieldViolation("page_size", "must not be negative")])
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+class ConversationStore(ABC):
+    """Conversations, their messages, and upstream sessions. Every write is one transaction."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and run pending migrations."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abstractmethod
+    async def schema_version(self) -> int:
+        """The latest applied migration."""
+
+    @abstractmethod
+    async def has_conversation(self, user: str, conversation_id: str) -> bool:
+        """True if the user has a stored conversation with this id. Conversations are keyed by
+        (user, id): upstream thread ids are only unique per user (the SDK's are 8 hex digits),
+        so two users' threads may share an id without ever meeting."""
+
+    @abstractmethod
+    async def begin_turn(self, turn: NewTurn) -> str:
+        """Record the caller's message and an `incomplete` assistant message (creating the
+        user's conversation if new); return the assistant message's id."""
+
+    @abstractmethod
+    async def finish_turn(
+        self, user: str, conversation_id: str, message_id: str, outcome: TurnOutcome
+    ) -> None:
+        """Record how the assistant message ended."""
+
+    @abstractmethod
+    async def get_conversation(self, user: str, conversation_id: str) -> Conversation | None:
+        """The user's conversation with its messages in order, or None."""
+
+    @abstractmethod
+    async def list_conversations(
+        self, user: str, page_size: int, page_token: str
+    ) -> ConversationPage:
+        """The user's conversations, most recently updated first."""
+
+    @abstractmethod
+    async def delete_conversation(self, user: str, conversation_id: str) -> bool:
+        """Delete the user's conversation and its messages; False if there was none."""
+
+    @abstractmethod
+    async def record_session(
+        self, session_id: str, user: str, kind: str, expires_at: datetime
+    ) -> None:
+        """Remember a minted upstream session."""
+
+    @abstractmethod
+    async def revoke_sessions(self, user: str) -> list[tuple[str, str]]:
+        """Mark the user's unexpired sessions revoked; return their (id, kind)."""
+
+    @abstractmethod
+    async def is_revoked(self, session_id: str) -> bool:
+        """True if the session was revoked."""
+
+    async def listen_revocations(self, listener: RevocationListener) -> None:
+        """Call `listener(user)` when another process revokes a user's sessions."""
+        del listener  # a single-process backend has no one else to hear from
+
+    async def announce_revocation(self, user: str) -> None:
+        """Tell other processes sharing this store that `user`'s sessions were revoked."""
+        del user

@@ -1,0 +1,1 @@
+"""Caller authentication, per-user limits, and keeping secrets out of logs."""

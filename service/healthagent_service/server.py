@@ -1,0 +1,440 @@
+"""Builds and runs the grpc.aio server: servicer, health, reflection, keepalive, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import signal
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from healthagent.v1 import health_agent_pb2 as pb
+from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.api.servicer import HealthAgentServicer
+from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
+from healthagent_service.emulator.embedded import Emulator, start_emulator
+from healthagent_service.history.backends import describe_store, store_from_settings
+from healthagent_service.history.recorder import TurnRecorder
+from healthagent_service.history.replay import transcript_loader
+from healthagent_service.history.store import ConversationStore
+from healthagent_service.memory import trim_memory_when_quiet
+from healthagent_service.metrics import Metrics
+from healthagent_service.revocation import SessionRevoker
+from healthagent_service.security.auth import ApiKey, Authenticator, JwksCache
+from healthagent_service.security.limits import LimitConfig, Limiter, MemoryLimiter, RedisLimiter
+from healthagent_service.security.redaction import REDACTOR
+from healthagent_service.upstream.chatkit import ChatKitConfig, ChatKitUpstream
+from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
+from healthagent_service.upstream.http_clients import ShardedHttpClient
+from healthagent_service.upstream.realtime import RealtimeConfig, RealtimeUpstream
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthAgent"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+UPSTREAM_HTTP_SHARDS = 16
+
+# Mobile clients sleep, switch networks and sit behind NATs: let them ping every 20 s (even with
+# no call active) without being told "too many pings", and ping idle connections ourselves.
+GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_connection_idle_ms", 30 * 60_000),
+    # A second server on a taken port must fail, not silently share it.
+    ("grpc.so_reuseport", 0),
+    # Service callers multiplex many streams on one connection; the HTTP/2 default of 100
+    # would queue the rest in the client.
+    ("grpc.max_concurrent_streams", 10_000),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    chatkit: ChatKitUpstream
+    realtime: RealtimeUpstream
+    store: ConversationStore
+    recorder: TurnRecorder
+    limiter: Limiter
+    servicer: HealthAgentServicer
+    metrics_port: int
+    trimmer: asyncio.Task[None]
+    http: ShardedHttpClient
+    emulator: Emulator | None
+    upstream_description: str
+
+    async def stop(self, grace: float | None, drain: float = 0.0) -> None:
+        """Flip health to NOT_SERVING; keep serving for `drain` s so load balancers see it;
+        then refuse new calls, let in-flight ones finish for `grace` s, and release all."""
+        await self.health.enter_graceful_shutdown()
+        self.trimmer.cancel()
+        if drain > 0:
+            await asyncio.sleep(drain)
+        stopping = asyncio.create_task(self.server.stop(grace))
+        if grace:
+            await asyncio.wait([stopping], timeout=max(0.0, grace - min(0.25, grace / 2)))
+        self.servicer.end_chats_for_shutdown()
+        await stopping
+        # Handlers cancelled at the end of the grace period are still unwinding (recording
+        # their turns, closing upstream requests): let them finish before closing what they use.
+        await self.servicer.wait_for_chats(timeout=5.0)
+        await self.recorder.drain()
+        await self.store.close()
+        await self.limiter.close()
+        await self.realtime.close()
+        await self.chatkit.pool.close()
+        await self.http.aclose()
+        if self.emulator is not None:
+            await self.emulator.close()
+
+
+def _chatkit_config(
+    settings: Settings, emulator: Emulator | None, api_key: str | None
+) -> ChatKitConfig:
+    if emulator is not None:
+        return ChatKitConfig(
+            base_url=emulator.base_url,
+            api_key=api_key,
+            workflow_id=settings.openai_workflow_id or EMULATOR_WORKFLOW_ID,
+            default_ttl_seconds=settings.session_ttl_seconds,
+            retry_after_seconds=settings.retry_after_seconds,
+        )
+    auth: tuple[str, str] | None = None
+    if settings.chatkit_auth_header is not None:
+        name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+        auth = (name.strip(), value.strip())
+    return ChatKitConfig(
+        base_url=settings.openai_base_url,
+        api_key=api_key,
+        workflow_id=settings.openai_workflow_id,
+        self_hosted_url=settings.chatkit_url if settings.self_hosted else None,
+        self_hosted_auth=auth,
+        default_ttl_seconds=settings.session_ttl_seconds,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
+
+
+def _realtime_config(
+    settings: Settings, emulator: Emulator | None, api_key: str | None
+) -> RealtimeConfig:
+    return RealtimeConfig(
+        base_url=emulator.base_url if emulator else settings.openai_base_url,
+        websocket_url=emulator.realtime_url if emulator else settings.effective_realtime_url,
+        api_key=api_key,
+        model=settings.realtime_model,
+        instructions=settings.realtime_instructions,
+        tools=tuple(settings.realtime_tools),
+        secret_ttl_seconds=settings.realtime_secret_ttl_seconds,
+        refresh_fraction=settings.session_refresh_fraction,
+        warm_sockets=settings.realtime_warm_sockets,
+        warm_socket_max_idle_seconds=settings.realtime_warm_max_idle_seconds,
+        conversation_idle_seconds=settings.realtime_idle_seconds,
+        max_conversations=settings.realtime_max_conversations,
+        socket_max_age_seconds=settings.realtime_session_max_seconds,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings, host: str) -> None:
+    """Refuse to serve anything but loopback without caller authentication."""
+    if settings.auth_configured or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to listen on {host} without caller authentication: set "
+        "HEALTHAGENT_AUTH_JWT_SECRET, HEALTHAGENT_AUTH_JWKS_URL or HEALTHAGENT_API_KEYS, or "
+        "listen on 127.0.0.1"
+    )
+
+
+def _authenticator(settings: Settings, http: httpx.AsyncClient) -> Authenticator:
+    jwks = (
+        JwksCache(
+            settings.auth_jwks_url,
+            http,
+            settings.auth_jwks_cache_seconds,
+            settings.auth_jwks_min_refresh_seconds,
+        )
+        if settings.auth_jwks_url
+        else None
+    )
+    return Authenticator(
+        jwt_secret=(
+            settings.auth_jwt_secret.get_secret_value() if settings.auth_jwt_secret else None
+        ),
+        jwks=jwks,
+        issuer=settings.auth_jwt_issuer,
+        audience=settings.auth_jwt_audience,
+        api_keys=[ApiKey(k.principal, k.sha256) for k in settings.api_keys],
+    )
+
+
+def _limiter(settings: Settings) -> Limiter:
+    config = LimitConfig(
+        settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_streams_per_user
+    )
+    if settings.redis_url is not None:
+        return RedisLimiter(config, settings.redis_url.get_secret_value(), settings.redis_prefix)
+    return MemoryLimiter(config)
+
+
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    wants_mtls = settings.tls_client_ca_file is not None or settings.tls_require_client_cert
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        if wants_mtls:
+            raise ValueError(
+                "mutual TLS needs HEALTHAGENT_TLS_CERT_FILE and HEALTHAGENT_TLS_KEY_FILE too"
+            )
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("set both HEALTHAGENT_TLS_CERT_FILE and HEALTHAGENT_TLS_KEY_FILE")
+    if settings.tls_require_client_cert and settings.tls_client_ca_file is None:
+        raise ValueError("HEALTHAGENT_TLS_REQUIRE_CLIENT_CERT needs HEALTHAGENT_TLS_CLIENT_CA_FILE")
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    client_ca = (
+        settings.tls_client_ca_file.read_bytes()
+        if settings.tls_client_ca_file is not None
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=settings.tls_require_client_cert
+    )
+
+
+def describe_upstream(settings: Settings) -> str:
+    """One line naming what Chat talks to; says plainly when replies are simulated."""
+    protocol = "Realtime" if settings.effective_upstream is UpstreamKind.REALTIME else "ChatKit"
+    if settings.emulated:
+        return (
+            f"EMULATOR ({protocol} protocol) - replies are simulated by the built-in "
+            "emulator, not OpenAI"
+        )
+    if settings.self_hosted:
+        return f"self-hosted ChatKit server at {settings.chatkit_url}"
+    if protocol == "Realtime":
+        return (
+            f"OpenAI Realtime API at {settings.effective_realtime_url} "
+            f"(model {settings.realtime_model})"
+        )
+    return f"hosted ChatKit at {settings.openai_base_url} (workflow {settings.openai_workflow_id})"
+
+
+async def create_server(settings: Settings, listen: str | None = None) -> RunningServer:
+    """Build, bind and start the server; `listen` may use port 0 (see `RunningServer.port`)."""
+    emulator: Emulator | None = None
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    REDACTOR.add(settings.secret_values())
+    if settings.emulated:
+        # The embedded emulator is a real HTTP and WebSocket server on loopback, so emulator
+        # mode runs exactly the code path that OpenAI does. Its key lives only in this process.
+        api_key = f"sk-emulator-{secrets.token_urlsafe(16)}"
+        REDACTOR.add([api_key])
+        emulator = await start_emulator(settings, api_key)
+    http = ShardedHttpClient(
+        UPSTREAM_HTTP_SHARDS,
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout_seconds,
+            read=settings.upstream_read_timeout_seconds,
+            write=30.0,
+            pool=30.0,
+        ),
+        max_connections=settings.upstream_max_connections,
+        max_keepalive_connections=min(1000, settings.upstream_max_connections),
+    )
+    store = store_from_settings(settings)
+    try:
+        await store.open()
+    except BaseException:
+        await http.aclose()
+        if emulator is not None:
+            await emulator.close()
+        raise
+    chatkit = ChatKitUpstream(
+        _chatkit_config(settings, emulator, api_key),
+        http,
+        pool_size=settings.session_pool_size,
+        refresh_fraction=settings.session_refresh_fraction,
+    )
+
+    async def record_minted(options: SessionOptions, session: MintedSession) -> None:
+        await store.record_session(session.id, options.user, "chatkit", session.expires_at)
+
+    chatkit.pool.on_minted = record_minted
+    realtime = RealtimeUpstream(
+        _realtime_config(settings, emulator, api_key), http, transcripts=transcript_loader(store)
+    )
+    uses_realtime = settings.effective_upstream is UpstreamKind.REALTIME
+    chat: ChatUpstream = realtime if uses_realtime else chatkit
+    recorder = TurnRecorder(store, "realtime" if uses_realtime else "chatkit")
+    revoker = SessionRevoker(store, chatkit, realtime)
+    server = grpc.aio.server(
+        options=[
+            *GRPC_SERVER_OPTIONS,
+            # Requests are small: refuse big ones before they are parsed.
+            ("grpc.max_receive_message_length", max(256 * 1024, 4 * settings.max_message_bytes)),
+        ]
+    )
+    limiter = _limiter(settings)
+    metrics = Metrics()
+    metrics.watch_pools({"chatkit": chatkit.pool, "realtime_secrets": realtime.secrets})
+    servicer = HealthAgentServicer(
+        metrics=metrics,
+        upstream_name="realtime" if uses_realtime else "chatkit",
+        authenticator=_authenticator(settings, http.first),
+        limiter=limiter,
+        max_message_bytes=settings.max_message_bytes,
+        client_stall_seconds=settings.client_stall_seconds,
+        chat=chat,
+        chatkit=chatkit,
+        realtime=realtime,
+        store=store,
+        recorder=recorder,
+        revoker=revoker,
+    )
+    pb_grpc.add_HealthAgentServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        host, port = parse_listen(listen or settings.listen)
+        check_exposure(settings, host)
+        if isinstance(limiter, RedisLimiter):
+            await limiter.ping()
+        await revoker.start()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        credentials = _tls_credentials(settings)
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+        await server.start()
+        metrics_port = 0
+        if settings.metrics_listen:
+            metrics_host, wanted_port = parse_listen(settings.metrics_listen)
+            check_exposure(settings, metrics_host)
+            metrics_port = metrics.serve(metrics_host, wanted_port)
+    except BaseException:
+        await limiter.close()
+        await store.close()
+        await http.aclose()
+        if emulator is not None:
+            await emulator.close()
+        raise
+    if chat is realtime:
+        realtime.start()
+    trimmer = asyncio.create_task(trim_memory_when_quiet(lambda: servicer.active_chats))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(
+        server,
+        bound,
+        health_servicer,
+        chatkit,
+        realtime,
+        store,
+        recorder,
+        limiter,
+        servicer,
+        metrics_port,
+        trimmer,
+        http,
+        emulator,
+        describe_upstream(settings),
+    )
+
+
+async def serve(settings: Settings, listen: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    upstream_kind = settings.effective_upstream
+    description = describe_upstream(settings)
+    if settings.emulated:
+        hint = (
+            "set OPENAI_API_KEY"
+            if upstream_kind is UpstreamKind.REALTIME
+            else "set OPENAI_API_KEY and OPENAI_WORKFLOW_ID"
+        )
+        log.warning(
+            f"upstream: {description}; {hint} to use OpenAI",
+            upstream="emulator",
+            protocol=upstream_kind.value,
+        )
+    else:
+        log.info(
+            f"upstream: {description}",
+            upstream=upstream_kind.value,
+            self_hosted=settings.self_hosted,
+        )
+    if not settings.auth_configured:
+        log.warning(
+            "AUTHENTICATION IS OFF: any process that reaches the port may act as any "
+            "user; this is allowed on loopback only. Set HEALTHAGENT_AUTH_JWT_SECRET, "
+            "HEALTHAGENT_AUTH_JWKS_URL or HEALTHAGENT_API_KEYS to require callers to "
+            "authenticate."
+        )
+    running = await create_server(settings, listen)
+    log.info(
+        "serving",
+        listen=listen or settings.listen,
+        port=running.port,
+        upstream=running.upstream_description,
+        history=describe_store(settings),
+    )
+    if upstream_kind is UpstreamKind.CHATKIT and not settings.self_hosted:
+        missing = [
+            name
+            for name, value in (
+                ("OPENAI_API_KEY", settings.openai_api_key),
+                ("OPENAI_WORKFLOW_ID", settings.openai_workflow_id),
+            )
+            if not value
+        ]
+        if missing:
+            log.warning("calls will fail with FAILED_PRECONDITION until set", missing=missing)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info(
+        "shutting down",
+        drain_seconds=settings.shutdown_drain_seconds,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+    await running.stop(settings.shutdown_grace_seconds, settings.shutdown_drain_seconds)
+    log.info("stopped")

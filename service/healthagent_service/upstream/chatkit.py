@@ -1,0 +1,493 @@
+"""ChatKit over HTTP: minting sessions and streaming turns (hosted, self-hosted or emulator).
+
+Wire formats: ../shared/upstream-protocols.md section 1. This module knows HTTP and ChatKit
+JSON; it yields `events.ChatEvent`s and raises `HealthAgentError`s, nothing gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from healthagent_service.errors import (
+    ErrorKind,
+    FieldViolation,
+    HealthAgentError,
+    conversation_not_found,
+)
+from healthagent_service.upstream.chatkit_events import (
+    ChatKitTurn,
+    protocol_error,
+    truncated_stream,
+)
+from healthagent_service.upstream.events import (
+    ChatEvent,
+    ChatTurn,
+    MintedSession,
+    SessionOptions,
+    SessionStarted,
+)
+from healthagent_service.upstream.http_clients import ShardedHttpClient
+from healthagent_service.upstream.session_pool import SessionPool
+from healthagent_service.upstream.sse import SSEDecoder, SSEProtocolError
+
+log = structlog.get_logger(__name__)
+
+CHATKIT_BETA_HEADER = ("OpenAI-Beta", "chatkit_beta=v1")
+# Header that carries the end user's id to a self-hosted ChatKit server, to scope its threads.
+FORWARDED_USER_HEADER = "X-HealthAgent-User"
+_MAX_ERROR_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ChatKitConfig:
+    """Where and how to reach ChatKit. `api_key` is None when it is not configured."""
+
+    base_url: str
+    api_key: str | None
+    workflow_id: str | None
+    # Self-hosted ChatKit server endpoint; when set, no sessions are minted.
+    self_hosted_url: str | None = None
+    # ("Header-Name", "value") sent to the self-hosted server.
+    self_hosted_auth: tuple[str, str] | None = None
+    default_ttl_seconds: int | None = None
+    retry_after_seconds: float = 1.0
+    # Names the settings in error messages, so an operator knows what to fix.
+    api_key_setting: str = "OPENAI_API_KEY"
+    workflow_setting: str = "OPENAI_WORKFLOW_ID"
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ChatKitConfig(base_url={self.base_url!r}, workflow_id={self.workflow_id!r})"
+
+
+class ChatKitUpstream:
+    """Mints ChatKit sessions (through a `SessionPool`) and streams turns."""
+
+    def __init__(
+        self,
+        config: ChatKitConfig,
+        http: ShardedHttpClient,
+        *,
+        pool_size: int,
+        refresh_fraction: float,
+    ) -> None:
+        self._config = config
+        self._http = http
+        self.pool = SessionPool(self.mint, max_size=pool_size, refresh_fraction=refresh_fraction)
+        self._conversation_url = config.self_hosted_url or f"{config.base_url}/chatkit/conversation"
+
+    @property
+    def self_hosted(self) -> bool:
+        """True when turns go to a self-hosted ChatKit server without sessions."""
+        return self._config.self_hosted_url is not None
+
+    @property
+    def workflow_id(self) -> str:
+        """The configured workflow ('' for a self-hosted server)."""
+        return "" if self.self_hosted else (self._config.workflow_id or "")
+
+    def session_options(
+        self,
+        user: str,
+        *,
+        version: str | None = None,
+        state_variables: tuple[tuple[str, str], ...] = (),
+        ttl_seconds: int | None = None,
+    ) -> SessionOptions:
+        """Options for a session of the configured workflow. Chat uses the defaults, so a
+        MintSession without overrides shares Chat's pooled session."""
+        if self.self_hosted:
+            raise _mint_not_supported()
+        return SessionOptions(
+            user=user,
+            workflow_id=self._require_workflow(),
+            version=version,
+            state_variables=state_variables,
+            ttl_seconds=ttl_seconds
+            if ttl_seconds is not None
+            else self._config.default_ttl_seconds,
+        )
+
+    # -- minting ---------------------------------------------------------------------------
+
+    async def mint(self, options: SessionOptions) -> MintedSession:
+        """Mint a new session upstream (no pooling). Use `pool.get` to share sessions."""
+        if self.self_hosted:
+            raise _mint_not_supported()
+        key = self._require_key()
+        body: dict[str, Any] = {"user": options.user, "workflow": {"id": options.workflow_id}}
+        if options.version is not None:
+            body["workflow"]["version"] = options.version
+        if options.state_variables:
+            body["workflow"]["state_variables"] = {
+                name: json.loads(value) for name, value in options.state_variables
+            }
+        if options.ttl_seconds is not None:
+            body["expires_after"] = {"anchor": "created_at", "seconds": options.ttl_seconds}
+        headers = {"Authorization": f"Bearer {key}", CHATKIT_BETA_HEADER[0]: CHATKIT_BETA_HEADER[1]}
+        try:
+            response = await self._http.for_key(options.user).post(
+                f"{self._config.base_url}/chatkit/sessions", json=body, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, phase="mint") from None
+        if response.status_code != 200:
+            raise self._http_error(
+                response.status_code,
+                response.content,
+                response.headers,
+                phase="mint",
+                options=options,
+            )
+        return self._parse_session(response.content, options)
+
+    def _parse_session(self, content: bytes, options: SessionOptions) -> MintedSession:
+        try:
+            data = json.loads(content)
+            expires_at = int(data["expires_at"])
+            session_id = str(data["id"])
+            secret = str(data["client_secret"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise protocol_error(f"session answer lacks {exc}", self._retry) from None
+        remaining = expires_at - time.time()
+        if remaining <= 0:
+            raise protocol_error(
+                "the upstream minted a session that has already expired", self._retry
+            )
+        workflow = data.get("workflow") or {}
+        return MintedSession(
+            id=session_id,
+            client_secret=secret,
+            expires_at=datetime.fromtimestamp(expires_at, UTC),
+            workflow_id=str(workflow.get("id") or options.workflow_id),
+            user=str(data.get("user") or options.user),
+            minted_at_monotonic=time.monotonic(),
+            lifetime_seconds=remaining,
+        )
+
+    async def cancel(self, session_id: str) -> None:
+        """Cancel a session upstream so its secret stops working."""
+        key = self._require_key()
+        headers = {"Authorization": f"Bearer {key}", CHATKIT_BETA_HEADER[0]: CHATKIT_BETA_HEADER[1]}
+        try:
+            response = await self._http.for_key(session_id).post(
+                f"{self._config.base_url}/chatkit/sessions/{session_id}/cancel", headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, phase="mint") from None
+        if response.status_code != 200:
+            raise self._http_error(
+                response.status_code, response.content, response.headers, phase="cancel"
+            )
+
+    # -- one turn --------------------------------------------------------------------------
+
+    async def chat(self, turn: ChatTurn) -> AsyncGenerator[ChatEvent, None]:
+        """Stream one turn. Ends with `ResponseDone`, or raises `HealthAgentError`."""
+        body = _turn_request(turn)
+        options = None if self.self_hosted else self.session_options(turn.user)
+        for attempt in (1, 2):
+            session: MintedSession | None = None
+            if options is None:
+                headers = self._self_hosted_headers(turn.user)
+            else:
+                session = await self.pool.get(options)
+                headers = {"Authorization": f"Bearer {session.client_secret}"}
+            headers["Accept"] = "text/event-stream"
+            headers["Content-Type"] = "application/json"
+            try:
+                async with self._http.for_key(turn.user).stream(
+                    "POST", self._conversation_url, content=body, headers=headers
+                ) as response:
+                    if response.status_code != 200:
+                        error_body = await _read_capped(response)
+                        if (
+                            response.status_code == 401
+                            and session is not None
+                            and options is not None
+                            and attempt == 1
+                        ):
+                            # The pooled secret expired or was cancelled: nothing has reached
+                            # the caller yet, so re-mint once and retry.
+                            self.pool.evict(options, session.id)
+                            log.info("pooled session rejected, re-minting", session_id=session.id)
+                            continue
+                        raise self._http_error(
+                            response.status_code,
+                            error_body,
+                            response.headers,
+                            phase="chat",
+                            turn=turn,
+                        )
+                    started = SessionStarted(
+                        session.id if session else "",
+                        turn.conversation_id or "",
+                        turn.user,
+                        self.workflow_id,
+                    )
+                    turn_translator = ChatKitTurn(started, self._config.retry_after_seconds)
+                    async for event in _stream_turn(response, turn_translator, self._retry):
+                        yield event
+                    return
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, phase="chat") from None
+
+    def _self_hosted_headers(self, user: str) -> dict[str, str]:
+        headers = {FORWARDED_USER_HEADER: user}
+        if self._config.self_hosted_auth is not None:
+            name, value = self._config.self_hosted_auth
+            headers[name] = value
+        return headers
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _require_key(self) -> str:
+        if not self._config.api_key:
+            raise HealthAgentError(
+                ErrorKind.FAILED_PRECONDITION,
+                "UPSTREAM_API_KEY_MISSING",
+                f"{self._config.api_key_setting} is not set; the service cannot reach ChatKit",
+            )
+        return self._config.api_key
+
+    def _require_workflow(self) -> str:
+        if not self._config.workflow_id:
+            raise HealthAgentError(
+                ErrorKind.FAILED_PRECONDITION,
+                "WORKFLOW_ID_MISSING",
+                f"{self._config.workflow_setting} is not set; it names the ChatKit workflow",
+            )
+        return self._config.workflow_id
+
+    @property
+    def _retry(self) -> float:
+        return self._config.retry_after_seconds
+
+    def _transport_error(self, exc: httpx.HTTPError, *, phase: str) -> HealthAgentError:
+        if isinstance(exc, httpx.TimeoutException):
+            return HealthAgentError(
+                ErrorKind.UNAVAILABLE,
+                "UPSTREAM_TIMEOUT",
+                f"the upstream did not answer in time ({type(exc).__name__})",
+                retry_after_seconds=self._config.retry_after_seconds,
+            )
+        if phase == "chat" and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+            return truncated_stream(f"connection lost: {type(exc).__name__}", self._retry)
+        return HealthAgentError(
+            ErrorKind.UNAVAILABLE,
+            "UPSTREAM_UNAVAILABLE",
+            f"cannot reach the upstream ({type(exc).__name__})",
+            retry_after_seconds=self._config.retry_after_seconds,
+        )
+
+    def _http_error(
+        self,
+        status: int,
+        content: bytes,
+        headers: httpx.Headers,
+        *,
+        phase: str,
+        options: SessionOptions | None = None,
+        turn: ChatTurn | None = None,
+    ) -> HealthAgentError:
+        message, code, param = _parse_error_envelope(content)
+        upstream = {"upstream_status": str(status), "upstream_code": code or ""}
+        if status in {401, 403}:
+            if phase == "chat" and self.self_hosted:
+                return HealthAgentError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "UPSTREAM_AUTH_REJECTED",
+                    "the self-hosted ChatKit server rejected the request; check "
+                    "HEALTHAGENT_CHATKIT_AUTH_HEADER",
+                    metadata=upstream,
+                )
+            if phase == "chat":
+                return HealthAgentError(
+                    ErrorKind.UNAVAILABLE,
+                    "UPSTREAM_SESSION_REJECTED",
+                    "the upstream rejected a freshly minted session",
+                    retry_after_seconds=self._config.retry_after_seconds,
+                    metadata=upstream,
+                )
+            return HealthAgentError(
+                ErrorKind.FAILED_PRECONDITION,
+                "UPSTREAM_API_KEY_REJECTED",
+                f"the upstream rejected {self._config.api_key_setting}; check that setting",
+                metadata=upstream,
+            )
+        if status == 404 and message.startswith("Invalid URL"):
+            # The API's answer for a path it does not serve: the base URL is wrong.
+            setting = "HEALTHAGENT_CHATKIT_URL" if self.self_hosted else "OPENAI_BASE_URL"
+            return HealthAgentError(
+                ErrorKind.FAILED_PRECONDITION,
+                "UPSTREAM_ENDPOINT_NOT_FOUND",
+                f"the upstream does not serve this endpoint ({message}); check {setting}",
+                metadata=upstream,
+            )
+        if status == 404:
+            if phase == "mint":
+                workflow = options.workflow_id if options else self._config.workflow_id
+                return HealthAgentError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "WORKFLOW_NOT_FOUND",
+                    f"the upstream has no workflow {workflow!r}; check "
+                    f"{self._config.workflow_setting}",
+                    metadata=upstream,
+                )
+            if phase == "chat" and turn is not None and turn.conversation_id:
+                return conversation_not_found(turn.conversation_id, **upstream)
+            return HealthAgentError(
+                ErrorKind.FAILED_PRECONDITION,
+                "UPSTREAM_ENDPOINT_NOT_FOUND",
+                f"the upstream answered 404 Not Found for {phase}: {message}",
+                metadata=upstream,
+            )
+        if status == 429:
+            return HealthAgentError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "UPSTREAM_RATE_LIMITED",
+                f"the upstream is rate limiting requests: {message}",
+                retry_after_seconds=_retry_after(headers, self._config.retry_after_seconds),
+                metadata=upstream,
+            )
+        if status >= 500:
+            return HealthAgentError(
+                ErrorKind.UNAVAILABLE,
+                "UPSTREAM_ERROR",
+                f"the upstream failed with HTTP {status}: {message}",
+                retry_after_seconds=_retry_after(headers, self._config.retry_after_seconds),
+                metadata=upstream,
+            )
+        if status == 400 and phase == "mint" and param:
+            return HealthAgentError(
+                ErrorKind.INVALID_ARGUMENT,
+                "UPSTREAM_REJECTED_REQUEST",
+                f"the upstream rejected the request: {message}",
+                field_violations=(FieldViolation(_request_field(param), message),),
+                metadata=upstream,
+            )
+        return HealthAgentError(
+            ErrorKind.FAILED_PRECONDITION,
+            "UPSTREAM_REJECTED_REQUEST",
+            f"the upstream answered HTTP {status}: {message}",
+            metadata=upstream,
+        )
+
+
+def _mint_not_supported() -> HealthAgentError:
+    return HealthAgentError(
+        ErrorKind.FAILED_PRECONDITION,
+        "MINT_NOT_SUPPORTED",
+        "this service talks to a self-hosted ChatKit server (HEALTHAGENT_CHATKIT_URL), "
+        "which has no sessions to mint; use Chat",
+    )
+
+
+async def _stream_turn(
+    response: httpx.Response, turn: ChatKitTurn, retry_after: float
+) -> AsyncIterator[ChatEvent]:
+    """The hot path: SSE bytes in, typed events out."""
+    first = turn.start()
+    if first is not None:
+        yield first
+    decoder = SSEDecoder()
+    translate = turn.translate
+    try:
+        async for raw in response.aiter_bytes():
+            for data in decoder.feed(raw):
+                event = translate(data)
+                if event is not None:
+                    yield event
+        for data in decoder.finish():
+            event = translate(data)
+            if event is not None:
+                yield event
+    except SSEProtocolError as exc:
+        raise protocol_error(str(exc), retry_after) from None
+    if decoder.has_partial_event:
+        raise truncated_stream("the body ended inside an event", retry_after)
+    yield turn.finish()
+
+
+def _turn_request(turn: ChatTurn) -> bytes:
+    if turn.tool_output is not None:
+        request: dict[str, Any] = {
+            "type": "threads.add_client_tool_output",
+            "params": {
+                "thread_id": turn.conversation_id,
+                "result": json.loads(turn.tool_output.output_json),
+            },
+        }
+    else:
+        user_input = {
+            "content": [{"type": "input_text", "text": turn.message}],
+            "attachments": [],
+            "quoted_text": "",
+            "inference_options": {},
+        }
+        if turn.conversation_id:
+            request = {
+                "type": "threads.add_user_message",
+                "params": {"thread_id": turn.conversation_id, "input": user_input},
+            }
+        else:
+            request = {"type": "threads.create", "params": {"input": user_input}}
+    request["metadata"] = {}
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    body = bytearray()
+    async for piece in response.aiter_bytes():
+        body += piece
+        if len(body) >= _MAX_ERROR_BODY_BYTES:
+            break
+    return bytes(body[:_MAX_ERROR_BODY_BYTES])
+
+
+def _parse_error_envelope(content: bytes) -> tuple[str, str | None, str | None]:
+    """(message, code, param) from the OpenAI error envelope, tolerating anything else."""
+    try:
+        error = json.loads(content)["error"]
+        return str(error.get("message") or "no message"), error.get("code"), error.get("param")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        text = content[:200].decode(errors="replace").strip()
+        return (text or "no message"), None, None
+
+
+def _retry_after(headers: httpx.Headers, default: float) -> float:
+    value = headers.get("retry-after")
+    if value is not None:
+        try:
+            seconds = float(value)
+            if math.isfinite(seconds) and seconds >= 0:
+                return seconds
+        except ValueError:
+            pass
+    return default
+
+
+_PARAM_TO_FIELD = {
+    "user": "user",
+    "workflow.version": "version",
+    "workflow.state_variables": "state_variables",
+    "expires_after.seconds": "ttl_seconds",
+    "expires_after": "ttl_seconds",
+}
+
+
+def _request_field(param: str) -> str:
+    """The MintSessionRequest field an upstream `param` refers to."""
+    if param in _PARAM_TO_FIELD:
+        return _PARAM_TO_FIELD[param]
+    if param.startswith("workflow.state_variables"):
+        return "state_variables"
+    return param

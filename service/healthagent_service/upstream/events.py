@@ -1,0 +1,166 @@
+"""The project's own typed events and requests, independent of any wire protocol or protobuf.
+
+Adapters produce these; `api/converter.py` is the one place that turns them into protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Protocol
+
+
+class NoticeLevel(Enum):
+    """Severity of a notice, as ChatKit names it."""
+
+    UNSPECIFIED = ""
+    INFO = "info"
+    WARNING = "warning"
+    DANGER = "danger"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    """The conversation this turn belongs to is known."""
+
+    session_id: str
+    conversation_id: str
+    user: str
+    workflow_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Assistant text to append to item `item_id`."""
+
+    text: str
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDone:
+    """Assistant message `item_id` is complete; `text` is all of it."""
+
+    text: str
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The assistant asks the caller to run a client tool."""
+
+    call_id: str
+    name: str
+    arguments_json: str
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Progress text to show while the answer is prepared."""
+
+    text: str
+    icon: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A message for the user that is not part of the answer."""
+
+    level: NoticeLevel
+    message: str
+    title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage as reported by the upstream."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    """The turn is complete."""
+
+    text: str
+    usage: Usage | None = None
+    awaiting_tool_output: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """An upstream event with no typed counterpart, kept as its JSON text."""
+
+    type: str
+    json: str
+
+
+ChatEvent = (
+    SessionStarted
+    | TextDelta
+    | TextDone
+    | ToolCall
+    | Progress
+    | Notice
+    | ResponseDone
+    | Passthrough
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutput:
+    """The caller's answer to a client tool call."""
+
+    call_id: str
+    output_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One validated user turn: exactly one of `message` and `tool_output` is set."""
+
+    user: str
+    device_id: str
+    message: str | None = None
+    tool_output: ToolOutput | None = None
+    conversation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """What a minted session is for; identical options share a pooled session."""
+
+    user: str
+    workflow_id: str
+    version: str | None = None
+    # Sorted (key, JSON value text) pairs, so the options are hashable.
+    state_variables: tuple[tuple[str, str], ...] = ()
+    ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MintedSession:
+    """An upstream session and its secret. Never log `client_secret`."""
+
+    id: str
+    client_secret: str
+    expires_at: datetime
+    workflow_id: str
+    user: str
+    # When it was minted, by the pool's clock (monotonic seconds), to refresh it in time.
+    minted_at_monotonic: float
+    lifetime_seconds: float
+
+    def __repr__(self) -> str:  # keep the secret out of reprs, logs and tracebacks
+        return f"MintedSession(id={self.id!r}, user={self.user!r}, expires_at={self.expires_at})"
+
+
+class ChatUpstream(Protocol):
+    """What `Chat` needs from an upstream: stream one turn, ending with `ResponseDone`."""
+
+    def chat(self, turn: ChatTurn) -> AsyncGenerator[ChatEvent, None]: ...

@@ -1,0 +1,1 @@
+"""Real protocol peers the tests talk to over sockets."""

@@ -1,0 +1,183 @@
+"""Both store backends pass the same tests, on real databases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from healthagent_service.errors import HealthAgentError
+from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
+from healthagent_service.history.store import ConversationStore
+from tests.stores import open_store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ConversationStore]:
+    async with open_store(request.param, tmp_path) as opened:
+        yield opened
+
+
+def user_turn(conversation: str, text: str, user: str = "alice") -> NewTurn:
+    return NewTurn(
+        conversation_id=conversation,
+        user=user,
+        upstream="chatkit",
+        upstream_id="cksess_1",
+        role=Role.USER,
+        text=text,
+    )
+
+
+async def test_migrations_are_versioned_and_idempotent(store: ConversationStore) -> None:
+    assert await store.schema_version() == 1
+    await store.open()  # again: nothing to apply, nothing breaks
+    assert await store.schema_version() == 1
+
+
+async def test_a_turn_is_recorded_in_order(store: ConversationStore) -> None:
+    reply = await store.begin_turn(user_turn("thr_1", "How did I sleep?"))
+    pending = await store.get_conversation("alice", "thr_1")
+    assert pending is not None
+    assert [(m.role, m.status, m.text) for m in pending.messages] == [
+        (Role.USER, Status.COMPLETE, "How did I sleep?"),
+        (Role.ASSISTANT, Status.INCOMPLETE, ""),
+    ]
+    await store.finish_turn(
+        "alice",
+        "thr_1",
+        reply,
+        TurnOutcome(
+            Status.COMPLETE,
+            "Seven hours.",
+            usage={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        ),
+    )
+    tool = await store.begin_turn(
+        NewTurn(
+            "thr_1",
+            "alice",
+            "chatkit",
+            "cksess_1",
+            Role.TOOL,
+            '{"steps": 1}',
+            tool_call_id="call_1",
+        )
+    )
+    await store.finish_turn(
+        "alice",
+        "thr_1",
+        tool,
+        TurnOutcome(
+            Status.INCOMPLETE,
+            "Part",
+            tool_calls=[{"call_id": "c2", "name": "n", "arguments": "{}"}],
+            error_reason="UPSTREAM_STREAM_TRUNCATED",
+        ),
+    )
+    done = await store.get_conversation("alice", "thr_1")
+    assert done is not None
+    assert [m.seq for m in done.messages] == [0, 1, 2, 3]
+    assert done.messages[1].text == "Seven hours." and done.messages[1].usage == {
+        "input_tokens": 3,
+        "output_tokens": 2,
+        "total_tokens": 5,
+    }
+    assert done.messages[2].role is Role.TOOL and done.messages[2].tool_call_id == "call_1"
+    assert done.messages[3].status is Status.INCOMPLETE
+    assert done.messages[3].tool_calls[0]["call_id"] == "c2"
+    assert done.messages[3].error_reason == "UPSTREAM_STREAM_TRUNCATED"
+
+
+async def test_users_only_see_their_own(store: ConversationStore) -> None:
+    await store.begin_turn(user_turn("thr_a", "mine"))
+    assert await store.get_conversation("mallory", "thr_a") is None
+    assert (await store.list_conversations("mallory", 0, "")).conversations == []
+    assert not await store.delete_conversation("mallory", "thr_a")
+    # Thread ids are only unique per user: the same id for someone else is their own thread.
+    await store.begin_turn(user_turn("thr_a", "also mine", user="mallory"))
+    theirs = await store.get_conversation("mallory", "thr_a")
+    mine = await store.get_conversation("alice", "thr_a")
+    assert theirs is not None and [m.text for m in theirs.messages] == ["also mine", ""]
+    assert mine is not None and [m.text for m in mine.messages] == ["mine", ""]
+    assert await store.has_conversation("alice", "thr_a")
+    assert not await store.has_conversation("nobody", "thr_a")
+    assert await store.delete_conversation("alice", "thr_a")
+    assert await store.get_conversation("alice", "thr_a") is None
+
+
+async def test_listing_pages_newest_first(store: ConversationStore) -> None:
+    for index in range(5):
+        await store.begin_turn(user_turn(f"thr_{index}", f"m{index}"))
+        await asyncio.sleep(0.002)
+    first = await store.list_conversations("alice", 2, "")
+    assert [c.id for c in first.conversations] == ["thr_4", "thr_3"] and first.next_page_token
+    second = await store.list_conversations("alice", 2, first.next_page_token)
+    assert [c.id for c in second.conversations] == ["thr_2", "thr_1"]
+    last = await store.list_conversations("alice", 2, second.next_page_token)
+    assert [c.id for c in last.conversations] == ["thr_0"] and last.next_page_token == ""
+    with pytest.raises(HealthAgentError) as bad:
+        await store.list_conversations("mallory", 2, first.next_page_token)
+    assert bad.value.field_violations[0].field == "page_token"
+    with pytest.raises(HealthAgentError):
+        await store.list_conversations("alice", -1, "")
+    with pytest.raises(HealthAgentError):
+        await store.list_conversations("alice", 2, "garbage!")
+
+
+async def test_concurrent_turns_never_share_a_number(store: ConversationStore) -> None:
+    await store.begin_turn(user_turn("thr_c", "first"))
+    await asyncio.gather(*(store.begin_turn(user_turn("thr_c", f"m{i}")) for i in range(10)))
+    conversation = await store.get_conversation("alice", "thr_c")
+    assert conversation is not None
+    assert [m.seq for m in conversation.messages] == list(range(22))
+
+
+async def test_sessions_are_revoked(store: ConversationStore) -> None:
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    await store.record_session("cksess_1", "alice", "chatkit", later)
+    await store.record_session("cksess_2", "alice", "chatkit", later)
+    await store.record_session(
+        "cksess_old", "alice", "chatkit", datetime.now(UTC) - timedelta(minutes=1)
+    )
+    await store.record_session("cksess_3", "bob", "chatkit", later)
+    revoked = await store.revoke_sessions("alice")
+    assert sorted(revoked) == [("cksess_1", "chatkit"), ("cksess_2", "chatkit")]
+    assert await store.is_revoked("cksess_1") and not await store.is_revoked("cksess_3")
+    assert await store.revoke_sessions("alice") == []
+
+
+async def test_revocations_missed_while_the_listener_was_down_are_applied(
+    tmp_path: Path,
+) -> None:
+    import asyncpg
+
+    from healthagent_service.history.postgres_store import LISTENER_APPLICATION_NAME
+    from tests.stores import POSTGRES_DSN
+
+    async with open_store("postgres", tmp_path) as first:
+        heard: list[str] = []
+
+        async def listener(user: str) -> None:
+            heard.append(user)
+
+        await first.listen_revocations(listener)
+        await first.record_session(
+            "cksess_9", "nina", "chatkit", datetime.now(UTC) + timedelta(minutes=5)
+        )
+        admin = await asyncpg.connect(POSTGRES_DSN)
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            LISTENER_APPLICATION_NAME,
+        )
+        await admin.close()
+        await first.revoke_sessions("nina")  # its NOTIFY is lost: nobody is listening
+        await first.announce_revocation("nina")
+        for _ in range(100):
+            if "nina" in heard:
+                break
+            await asyncio.sleep(0.05)
+        assert "nina" in heard  # the watchdog reconnected and caught up from the table
