@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from healthagent.client import AsyncHealthAgentClient, HealthAgentClient
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME
+from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME, parse_stamp
 from tests.conftest import TEST_WORKFLOW, Service, ServiceFactory, collect, event_kinds
 
 
@@ -216,3 +217,23 @@ async def test_mint_request_is_exactly_the_documented_one(
     assert isinstance(emulator.session_requests[-1]["workflow"]["state_variables"]["age"], int)
     await service.stub.MintSession(pb.MintSessionRequest(user="u10"))
     assert emulator.session_requests[-1] == {"user": "u10", "workflow": {"id": TEST_WORKFLOW}}
+
+
+async def test_benchmark_triggers_pace_and_stamp_the_chunks(service: Service) -> None:
+    """`[pace=N]` spaces the chunks N ms apart and `[stamp]` makes each chunk's text the
+    emulator's send time; the benchmark harness measures the hop's latency with them."""
+    before = time.monotonic_ns()
+    events = [
+        e
+        async for e in service.stub.Chat(
+            pb.ChatRequest(message="[chunks=4] [pace=30] [stamp]", user="bench")
+        )
+    ]
+    after = time.monotonic_ns()
+    chunks = [e.chunk.text for e in events if e.WhichOneof("event") == "chunk"]
+    sent = [parse_stamp(text) for text in chunks]
+    assert len(sent) == 4 and all(len(text) == 20 for text in chunks)
+    assert before < sent[0] and sent[-1] < after
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
+    assert min(gaps) >= 25_000_000  # 30 ms apart, give or take the timer's slack
+    assert events[-1].response_done.text == "".join(chunks)

@@ -21,7 +21,7 @@ from tests.conftest import Service
 from tests.test_cancellation import wait_for
 
 
-async def run_streams_through_sigterm(grace: str) -> tuple[Counter[str], Any]:
+async def run_streams_through_sigterm(grace: str, chunks: int) -> tuple[Counter[str], Any]:
     server = start_serve(
         HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS="30",
         HEALTHAGENT_SHUTDOWN_DRAIN_SECONDS="2",
@@ -31,26 +31,31 @@ async def run_streams_through_sigterm(grace: str) -> tuple[Counter[str], Any]:
     )
     channel = grpc.aio.insecure_channel(server.address)
     stub = pb_grpc.HealthAgentStub(channel)
+    started = 0
 
     async def one(index: int) -> str:
+        nonlocal started
+        events: list[pb.ChatResponse] = []
         try:
-            events = [
-                e
-                async for e in stub.Chat(
-                    pb.ChatRequest(message="[chunks=100]", user=f"u{index % 20}")
-                )
-            ]
+            async for event in stub.Chat(
+                pb.ChatRequest(message=f"[chunks={chunks}]", user=f"u{index % 20}")
+            ):
+                started += not events
+                events.append(event)
         except grpc.aio.AioRpcError as error:
             return error.code().name
-        chunks = sum(e.WhichOneof("event") == "chunk" for e in events)
+        count = sum(e.WhichOneof("event") == "chunk" for e in events)
         return (
             "complete"
-            if chunks == 100 and events[-1].WhichOneof("event") == ("response_done")
+            if count == chunks and events[-1].WhichOneof("event") == ("response_done")
             else "TRUNCATED_OK"
         )
 
     streams = [asyncio.create_task(one(i)) for i in range(200)]
-    await asyncio.sleep(1.0)
+    # SIGTERM once all 200 handlers run. grpc.aio dispatches one new call per event-loop turn,
+    # so on a loaded machine some calls can still be queued after a fixed sleep; gRPC cancels
+    # those at shutdown (CANCELLED) before any handler of ours has seen them.
+    await wait_for(lambda: started == 200, timeout=30.0)
     server.process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
     health: Any = health_pb2_grpc.HealthStub(channel)
@@ -68,9 +73,13 @@ async def run_streams_through_sigterm(grace: str) -> tuple[Counter[str], Any]:
     return outcomes, server
 
 
-@pytest.mark.parametrize(("grace", "expected"), [("20", "complete"), ("0.5", "UNAVAILABLE")])
-async def test_sigterm_with_200_streams_in_flight(grace: str, expected: str) -> None:
-    outcomes, server = await run_streams_through_sigterm(grace)
+@pytest.mark.parametrize(
+    ("grace", "chunks", "expected"),
+    # 100 chunks 30 ms apart end well inside a 20 s grace period; 400 cannot end inside 0.5 s
+    [("20", 100, "complete"), ("0.5", 400, "UNAVAILABLE")],
+)
+async def test_sigterm_with_200_streams_in_flight(grace: str, chunks: int, expected: str) -> None:
+    outcomes, server = await run_streams_through_sigterm(grace, chunks)
     assert outcomes == Counter({expected: 200})  # never an answer cut short and called OK
     assert server.process.wait(30) == 0
     log = server.log()

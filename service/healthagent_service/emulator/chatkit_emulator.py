@@ -33,6 +33,7 @@ from healthagent_service.emulator.script import (
     RATE_LIMIT_RETRY_AFTER_SECONDS,
     Reply,
     plan_reply,
+    stamp_text,
 )
 
 SESSION_FIELDS = frozenset(
@@ -326,7 +327,8 @@ class ChatKitEmulator:
 
     async def _respond(self, thread: EmulatedThread, reply: Reply) -> AsyncIterator[bytes]:
         stats = self.stats
-        delay = self.config.chunk_delay_seconds
+        delay = self.config.chunk_delay_seconds if reply.pace_ms is None else reply.pace_ms / 1000
+        stamped: list[str] | None = [] if reply.stamp else None
         yield wire.sse(wire.progress())
         if reply.notice is not None:
             yield wire.sse(wire.notice())
@@ -356,9 +358,13 @@ class ChatKitEmulator:
                 raise DropConnection
             if delay:
                 await asyncio.sleep(delay)
-            yield head + json.dumps(chunk, ensure_ascii=False).encode() + tail
+            text = chunk
+            if stamped is not None:
+                text = stamp_text(time.monotonic_ns())
+                stamped.append(text)
+            yield head + json.dumps(text, ensure_ascii=False).encode() + tail
             stats.chunks_sent += 1
-        text = reply.text
+        text = reply.text if stamped is None else "".join(stamped)
         closing = wire.sse(wire.content_part_done(item_id, text)) + wire.sse(
             wire.assistant_done(item_id, thread.id, created_at, text)
         )

@@ -435,7 +435,7 @@ class RealtimeEmulator:
                 part={"type": "text", "text": ""},
             )
         )
-        delay = self.config.chunk_delay_seconds
+        delay = self.config.chunk_delay_seconds if reply.pace_ms is None else reply.pace_ms / 1000
         for index, chunk in enumerate(reply.chunks):
             if index == reply.drop_after:
                 self.stats.responses_interrupted += 1

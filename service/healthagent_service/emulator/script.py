@@ -20,6 +20,10 @@ Trigger phrases (anywhere in the user's message, case-insensitive):
 |               | (429 carries `Retry-After: 2`)                                                |
 | `[ratelimit]` | ChatKit: HTTP 429; Realtime: `response.done` failed with rate_limit_exceeded  |
 | `[chunks=N]`  | the reply is exactly N chunks of about 20 bytes (1..100000)                   |
+| `[pace=N]`    | N milliseconds between chunks for this reply (0..60000), instead of the       |
+|               | emulator's HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS                                |
+| `[stamp]`     | ChatKit: each chunk's text is the emulator's CLOCK_MONOTONIC in nanoseconds   |
+|               | when it sent that chunk (19 digits and a space), for latency benchmarks       |
 
 The same `Reply` drives the emulator and, in the tests, a real `openai-chatkit` server, so the
 two can be compared byte for byte.
@@ -42,6 +46,8 @@ RATE_LIMIT_RETRY_AFTER_SECONDS = 2
 MAX_CHUNKS = 100_000
 _HTTP_TRIGGER = re.compile(r"\[http (\d{3})\]", re.IGNORECASE)
 _CHUNKS_TRIGGER = re.compile(r"\[chunks=(\d{1,6})\]", re.IGNORECASE)
+_PACE_TRIGGER = re.compile(r"\[pace=(\d{1,5})\]", re.IGNORECASE)
+MAX_PACE_MS = 60_000
 _FILLER = "lorem ipsum dolor "  # 18 bytes; with the index, chunks are about 20 bytes
 
 
@@ -63,6 +69,8 @@ class Reply:
     slow_first_byte: bool = False
     http_status: int | None = None
     rate_limited: bool = False
+    pace_ms: int | None = None  # milliseconds between chunks, overriding the emulator's setting
+    stamp: bool = False  # each chunk's text is replaced by its send time (see `stamp_text`)
 
     @property
     def text(self) -> str:
@@ -85,6 +93,7 @@ def plan_reply(
     message = message or ""
     lowered = message.lower()
     http = _HTTP_TRIGGER.search(message)
+    pace = _PACE_TRIGGER.search(message)
     count = _CHUNKS_TRIGGER.search(message)
     if count is not None:
         n = max(1, min(MAX_CHUNKS, int(count.group(1))))
@@ -111,4 +120,16 @@ def plan_reply(
         slow_first_byte="[slow]" in lowered,
         http_status=int(http.group(1)) if http else (429 if "[ratelimit]" in lowered else None),
         rate_limited="[ratelimit]" in lowered,
+        pace_ms=min(MAX_PACE_MS, int(pace.group(1))) if pace else None,
+        stamp="[stamp]" in lowered,
     )
+
+
+def stamp_text(monotonic_ns: int) -> str:
+    """A `[stamp]` chunk: the send time, 20 bytes like the other scripted chunks."""
+    return f"{monotonic_ns:019d} "
+
+
+def parse_stamp(text: str) -> int:
+    """The send time in a `[stamp]` chunk's text (CLOCK_MONOTONIC, nanoseconds)."""
+    return int(text[:19])
