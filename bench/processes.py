@@ -138,6 +138,17 @@ def start_emulator_process(
     )
 
 
+def rss_breakdown(pid: int) -> dict[str, int]:
+    """Resident memory split into anonymous (heap), file-backed and shared pages, in bytes."""
+    wanted = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name = line.split(None, 1)[0] if line else ""
+        if name in wanted:
+            out[wanted[name]] = int(line.split()[1]) * 1024
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import httpx
 
-from bench.processes import rss_bytes, start_emulator_process, start_serve
+from bench.processes import rss_breakdown, rss_bytes, start_emulator_process, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.script import plan_reply
@@ -38,6 +38,7 @@ class SoakReport:
     streams: int
     seconds: float
     drop_fraction: float
+    warmup_seconds: float
     turns: int = 0
     ok_exact: int = 0
     unavailable: int = 0
@@ -50,6 +51,8 @@ class SoakReport:
     server_rss_peak: int = 0
     server_rss_end: int = 0
     server_rss_after_each_round: list[int] = field(default_factory=list)
+    server_rss_breakdown_start: dict[str, int] = field(default_factory=dict)
+    server_rss_breakdown_after_each_round: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def memory_growth(self) -> float:
@@ -86,9 +89,10 @@ async def run_soak(
     chunk_delay_ms: float = 50.0,
     seed: int = 7,
     rounds: int = 1,
+    warmup_seconds: float = 10.0,
 ) -> SoakReport:
     """Run the soak against fresh emulator and server processes; return the figures."""
-    report = SoakReport(streams, seconds, drop_fraction)
+    report = SoakReport(streams, seconds, drop_fraction, warmup_seconds)
     emulator = start_emulator_process(chunk_delay_ms=str(chunk_delay_ms))
     server = start_serve(
         **emulator.service_env(),
@@ -101,32 +105,36 @@ async def run_soak(
     channels = [grpc.aio.insecure_channel(server.address) for _ in range(max(1, streams // 250))]
     stubs = [pb_grpc.HealthAgentStub(c) for c in channels]
     try:
-        # Warm up at full concurrency (sessions minted, connections and buffers allocated),
-        # then take the baseline: what remains above it afterwards is what the load left behind.
-        await asyncio.gather(
-            *(_turn(stubs[i % len(stubs)], f"soak-{i % 50}", False) for i in range(streams))
-        )
-        await asyncio.sleep(SETTLE_SECONDS)  # settled, as it will be after the load
-        report.server_rss_start = rss_bytes(server.process.pid)
-        for _ in range(rounds):
+
+        async def run_round(seconds: float, sample: bool) -> None:
             deadline = time.monotonic() + seconds
 
-            async def worker(index: int, deadline: float = deadline) -> None:
+            async def worker(index: int) -> None:
                 stub = stubs[index % len(stubs)]
                 while time.monotonic() < deadline:
                     drop = rng.random() < drop_fraction
                     report.drops_injected += drop
                     outcomes[await _turn(stub, f"soak-{index % 50}", drop)] += 1
 
-            async def sample_memory(deadline: float = deadline) -> None:
-                while time.monotonic() < deadline:
+            async def sample_memory() -> None:
+                while sample and time.monotonic() < deadline:
                     rss = rss_bytes(server.process.pid)
                     report.server_rss_peak = max(report.server_rss_peak, rss)
                     await asyncio.sleep(0.5)
 
             await asyncio.gather(sample_memory(), *(worker(i) for i in range(streams)))
             await asyncio.sleep(SETTLE_SECONDS)  # the server goes quiet, gives memory back
+
+        # Warm up under the same load (sessions minted, connections, caches and buffers at
+        # their working size), then take the baseline: what the rounds leave above it is what
+        # the load left behind.
+        await run_round(warmup_seconds, sample=False)
+        report.server_rss_start = rss_bytes(server.process.pid)
+        report.server_rss_breakdown_start = rss_breakdown(server.process.pid)
+        for _ in range(rounds):
+            await run_round(seconds, sample=True)
             report.server_rss_after_each_round.append(rss_bytes(server.process.pid))
+            report.server_rss_breakdown_after_each_round.append(rss_breakdown(server.process.pid))
         report.server_rss_end = report.server_rss_after_each_round[-1]
         async with httpx.AsyncClient() as http:
             stats = (await http.get(emulator.base_url.replace("/v1", "/_emulator/stats"))).json()
@@ -152,6 +160,9 @@ def main() -> None:
     parser.add_argument("--drop-fraction", type=float, default=0.05)
     parser.add_argument("--chunk-delay-ms", type=float, default=50.0)
     parser.add_argument(
+        "--warmup-seconds", type=float, default=10.0, help="same load before the baseline"
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -165,6 +176,7 @@ def main() -> None:
             options.drop_fraction,
             chunk_delay_ms=options.chunk_delay_ms,
             rounds=options.rounds,
+            warmup_seconds=options.warmup_seconds,
         )
     )
     print(json.dumps(report.as_dict(), indent=2))

@@ -4,6 +4,7 @@ soak with injected drops, and cancellations that leave nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import platform
 import signal
 from collections import Counter
 from typing import Any
@@ -17,6 +18,7 @@ from bench.soak import run_soak
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
+from healthagent_service.memory import limit_malloc_arenas
 from tests.conftest import Service
 from tests.test_cancellation import wait_for
 
@@ -87,7 +89,7 @@ async def test_sigterm_with_200_streams_in_flight(grace: str, chunks: int, expec
 
 
 async def test_short_soak_with_injected_drops() -> None:
-    report = await run_soak(streams=100, seconds=10, drop_fraction=0.05)
+    report = await run_soak(streams=100, seconds=10, drop_fraction=0.05, warmup_seconds=3)
     assert report.turns > 300 and report.drops_injected > 0
     assert report.silent_truncations == 0 and report.other_errors == {}
     assert report.ok_exact + report.unavailable == report.turns
@@ -114,3 +116,9 @@ async def test_cancellations_leave_nothing_behind(
     assert len(asyncio.all_tasks()) <= tasks_before + 2  # no handler or upstream task left
     assert len(service.running.chatkit.pool) == 1  # one pooled session, not one per call
     assert not service.running.servicer._active_chats
+
+
+def test_malloc_arena_cap_applies_on_glibc() -> None:
+    assert limit_malloc_arenas(0) is False  # 0 leaves glibc's default alone
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(8) is True  # glibc's own default on a 1-core machine

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
 from healthagent_service.config import DEFAULT_LISTEN, Settings
 from healthagent_service.logging import configure_logging
+from healthagent_service.memory import limit_malloc_arenas
 
 DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
 DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         if options.command == "serve":
+            limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
             from healthagent_service.server import serve
 
             asyncio.run(serve(settings, options.listen))

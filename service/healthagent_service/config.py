@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     )
     log_format: LogFormat = Field(default=LogFormat.AUTO, alias="HEALTHAGENT_LOG_FORMAT")
     log_level: str = Field(default="info", alias="HEALTHAGENT_LOG_LEVEL")
+    malloc_arenas: int = Field(default=2, ge=0, le=64, alias="HEALTHAGENT_MALLOC_ARENAS")
 
     session_pool_size: int = Field(default=10_000, ge=1, alias="HEALTHAGENT_SESSION_POOL_SIZE")
     session_refresh_fraction: float = Field(
