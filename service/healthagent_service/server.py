@@ -39,7 +39,6 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthAgent"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
-UPSTREAM_HTTP_SHARDS = 16
 
 # Mobile clients sleep, switch networks and sit behind NATs: let them ping every 20 s (even with
 # no call active) without being told "too many pings", and ping idle connections ourselves.
@@ -264,7 +263,6 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         REDACTOR.add([api_key])
         emulator = await start_emulator(settings, api_key)
     http = ShardedHttpClient(
-        UPSTREAM_HTTP_SHARDS,
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout_seconds,
             read=settings.upstream_read_timeout_seconds,
@@ -272,7 +270,6 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
             pool=30.0,
         ),
         max_connections=settings.upstream_max_connections,
-        max_keepalive_connections=min(1000, settings.upstream_max_connections),
     )
     store = store_from_settings(settings)
     try:

@@ -1,0 +1,683 @@
+"""Performance harness: what the HealthAgent hop costs, side by side with its ceiling, in one run.
+
+    python -m bench.performance --out docs/benchmarks
+
+Three targets read the same scripted turn (100 chunks of 20 bytes, each stamped by its sender
+with CLOCK_MONOTONIC, which all processes on the machine share):
+
+- `bare`: a bare grpc.aio server with HealthAgent's API and nothing behind it (the ceiling);
+- `direct`: a client that mints its own ChatKit session and reads the emulator's SSE itself;
+- `healthagent`: `healthagent serve` (embedded SQLite history, defaults otherwise) in front of
+  the emulator.
+
+For each concurrency (1, 100, 1,000 streams) and target, two phases:
+
+- throughput: every stream runs turns back to back, unpaced, for `--seconds`; chunks per
+  second and CPU seconds per chunk (of the process that streams to the client);
+- paced: chunks `concurrency / --paced-rate` seconds apart (so every concurrency offers the
+  same load, well under saturation), turns staggered, for at least `--paced-seconds`; the
+  latency from sender to client for the first chunk of each turn and for every chunk, and
+  resident memory per open stream.
+
+Then MintSession requests per second (warm pool) against the bare unary handler, and
+`--open-streams` concurrent Chat streams held open with a chunk every second each.
+
+Loopback only; every phase is bounded in time. Writes `results.json` and PNG plots to `--out`,
+and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
+from bench.processes import (
+    EmulatorProcess,
+    ServeProcess,
+    free_port,
+    rss_bytes,
+    start_emulator_process,
+    start_serve,
+)
+
+TARGETS = ("bare", "direct", "healthagent")
+CHUNKS = 100
+OPEN_STREAM_USERS = 1000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentiles(values_ns: list[int]) -> dict[str, float | int]:
+    """p50, p99 and max in milliseconds, and the sample count."""
+    if not values_ns:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan"), "n": 0}
+    ordered = sorted(values_ns)
+
+    def at(fraction: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1e6, 3)
+
+    return {"p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": at(1.0), "n": len(ordered)}
+
+
+@dataclass
+class PhaseResult:
+    """One target at one concurrency in one phase."""
+
+    target: str
+    concurrency: int
+    phase: str  # "throughput" or "paced"
+    seconds: float = 0.0
+    turns: int = 0
+    chunks: int = 0
+    chunks_per_second: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    first_chunk_latency: dict[str, float | int] = field(default_factory=dict)
+    chunk_latency: dict[str, float | int] = field(default_factory=dict)
+    time_to_first_chunk: dict[str, float | int] = field(default_factory=dict)
+    server_cpu_us_per_chunk: float = 0.0
+    emulator_cpu_us_per_chunk: float = 0.0
+    client_cpu_us_per_chunk: float = 0.0
+    pace_ms: float = 0.0
+    rss_per_open_stream_bytes: float = 0.0
+
+
+@dataclass
+class MintResult:
+    target: str
+    concurrency: int
+    seconds: float = 0.0
+    requests: int = 0
+    requests_per_second: float = 0.0
+    server_cpu_us_per_request: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    rounds: int = 1
+    rounds_rps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class OpenStreamsResult:
+    streams: int
+    chunks_each: int
+    ramp_seconds: float
+    max_open: int = 0
+    completed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    chunk_latency: dict[str, float | int] = field(default_factory=dict)
+    server_rss_idle_bytes: int = 0
+    server_rss_peak_bytes: int = 0
+    server_cpu_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    command: str
+    phases: list[PhaseResult] = field(default_factory=list)
+    mint: list[MintResult] = field(default_factory=list)
+    open_streams: OpenStreamsResult | None = None
+    targets: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Targets:
+    """The processes under test and what each one's "server" process is."""
+
+    emulator: EmulatorProcess
+    healthagent: ServeProcess
+    bare: subprocess.Popen[bytes]
+    bare_address: str
+    workflow: str = "wf_bench"
+
+    def server_pid(self, target: str) -> int:
+        if target == "bare":
+            return self.bare.pid
+        if target == "healthagent":
+            return self.healthagent.process.pid
+        return self.emulator.process.pid  # direct: the client reads the upstream itself
+
+    def client(self, target: str, streams: int) -> TurnClient:
+        if target == "bare":
+            return GrpcTurns(self.bare_address, streams)
+        if target == "healthagent":
+            return GrpcTurns(self.healthagent.address, streams)
+        return DirectTurns(
+            self.emulator.base_url, self.emulator.api_key, self.workflow, streams=streams
+        )
+
+    def stop(self) -> None:
+        self.healthagent.terminate()
+        self.bare.terminate()
+        self.bare.wait(10)
+        self.emulator.stop()
+
+
+def start_targets() -> Targets:
+    workflow = "wf_bench"
+    emulator = start_emulator_process(chunk_delay_ms="0", workflow=workflow)
+    healthagent = start_serve(
+        **emulator.service_env(workflow),
+        HEALTHAGENT_RATE_LIMIT_PER_MINUTE="0",
+        HEALTHAGENT_MAX_STREAMS_PER_USER="0",
+        HEALTHAGENT_LOG_LEVEL="warning",
+        HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS="20000",
+    )
+    bare = subprocess.Popen(
+        [sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE,
+    )
+    assert bare.stdout is not None
+    address = json.loads(bare.stdout.readline())["address"]
+    return Targets(emulator, healthagent, bare, address, workflow)
+
+
+def summarize(result: PhaseResult, samples: list[TurnSample]) -> None:
+    errors: Counter[str] = Counter()
+    first: list[int] = []
+    every: list[int] = []
+    ttfc: list[int] = []
+    for sample in samples:
+        if sample.error is not None:
+            errors[sample.error] += 1
+        result.chunks += sample.chunks
+        if sample.chunks:
+            first.append(sample.received_ns[0] - sample.sent_ns[0])
+            ttfc.append(sample.received_ns[0] - sample.started_ns)
+            every.extend(r - s for s, r in zip(sample.sent_ns, sample.received_ns, strict=True))
+    result.turns = len(samples)
+    result.errors = dict(errors)
+    result.first_chunk_latency = percentiles(first)
+    result.chunk_latency = percentiles(every)
+    result.time_to_first_chunk = percentiles(ttfc)
+
+
+async def measure(
+    targets: Targets,
+    target: str,
+    concurrency: int,
+    phase: str,
+    run: Callable[[TurnClient, list[str]], Awaitable[list[TurnSample]]],
+    *,
+    sample_rss: bool = False,
+) -> PhaseResult:
+    """Run one phase with fresh clients (users already warm) and account for its CPU."""
+    result = PhaseResult(target, concurrency, phase)
+    users = [f"bench-{i}" for i in range(concurrency)]
+    client = targets.client(target, concurrency)
+    server, emulator = targets.server_pid(target), targets.emulator.process.pid
+    try:
+        await client.prepare(users)
+        # warm: sessions minted, connections open, as in steady service
+        await asyncio.gather(
+            *(client.turn(i, user, "[chunks=2] [stamp]") for i, user in enumerate(users))
+        )
+        rss_idle = rss_bytes(server)
+        rss_peak = rss_idle
+        sampling = True
+
+        async def sample_memory() -> None:
+            nonlocal rss_peak
+            while sampling:
+                rss_peak = max(rss_peak, rss_bytes(server))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_memory()) if sample_rss else None
+        cpu = (cpu_seconds(server), cpu_seconds(emulator), own_cpu_seconds())
+        started = time.monotonic()
+        samples = await run(client, users)
+        result.seconds = round(time.monotonic() - started, 3)
+        server_cpu = cpu_seconds(server) - cpu[0]
+        emulator_cpu = cpu_seconds(emulator) - cpu[1]
+        client_cpu = own_cpu_seconds() - cpu[2]
+        sampling = False
+        if sampler is not None:
+            await sampler
+            result.rss_per_open_stream_bytes = round((rss_peak - rss_idle) / concurrency)
+    finally:
+        await client.close()
+    summarize(result, samples)
+    if result.chunks:
+        result.chunks_per_second = round(result.chunks / result.seconds, 1)
+        result.server_cpu_us_per_chunk = round(server_cpu / result.chunks * 1e6, 2)
+        result.emulator_cpu_us_per_chunk = round(emulator_cpu / result.chunks * 1e6, 2)
+        result.client_cpu_us_per_chunk = round(client_cpu / result.chunks * 1e6, 2)
+    return result
+
+
+def throughput_run(
+    seconds: float, chunks: int
+) -> Callable[[TurnClient, list[str]], Awaitable[list[TurnSample]]]:
+    message = f"[chunks={chunks}] [stamp]"
+
+    async def run(client: TurnClient, users: list[str]) -> list[TurnSample]:
+        deadline = time.monotonic() + seconds
+        samples: list[TurnSample] = []
+
+        async def worker(index: int, user: str) -> None:
+            while time.monotonic() < deadline:
+                samples.append(await client.turn(index, user, message))
+
+        await asyncio.gather(*(worker(i, user) for i, user in enumerate(users)))
+        return samples
+
+    return run
+
+
+def paced_run(
+    seconds: float, chunks: int, pace_ms: int, seed: int
+) -> Callable[[TurnClient, list[str]], Awaitable[list[TurnSample]]]:
+    message = f"[chunks={chunks}] [pace={pace_ms}] [stamp]"
+    turn_seconds = chunks * pace_ms / 1000
+
+    async def run(client: TurnClient, users: list[str]) -> list[TurnSample]:
+        rng = random.Random(seed)
+        deadline = time.monotonic() + seconds
+        samples: list[TurnSample] = []
+
+        async def worker(index: int, user: str, offset: float) -> None:
+            await asyncio.sleep(offset)  # spread turn starts evenly, as real users arrive
+            while True:
+                samples.append(await client.turn(index, user, message))
+                if time.monotonic() >= deadline:
+                    return
+
+        offsets = [rng.uniform(0, min(turn_seconds, seconds)) for _ in users]
+        await asyncio.gather(
+            *(worker(i, u, o) for i, (u, o) in enumerate(zip(users, offsets, strict=True)))
+        )
+        return samples
+
+    return run
+
+
+async def measure_mint(
+    targets: Targets, target: str, concurrency: int, seconds: float
+) -> MintResult:
+    address = targets.bare_address if target == "bare" else targets.healthagent.address
+    client = GrpcTurns(address, concurrency)
+    users = [f"mint-{i}" for i in range(concurrency)]
+    result = MintResult(target, concurrency)
+    errors: Counter[str] = Counter()
+    try:
+        await client.prepare(users)
+        await asyncio.gather(*(client.mint(i, u) for i, u in enumerate(users)))  # warm the pool
+        server = targets.server_pid(target)
+        cpu = cpu_seconds(server)
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def worker(index: int, user: str) -> None:
+            while time.monotonic() < deadline:
+                try:
+                    await client.mint(index, user)
+                    result.requests += 1
+                except Exception as error:  # counted and reported, never fatal
+                    errors[type(error).__name__] += 1
+
+        await asyncio.gather(*(worker(i, u) for i, u in enumerate(users)))
+        result.seconds = round(time.monotonic() - started, 3)
+        used = cpu_seconds(server) - cpu
+    finally:
+        await client.close()
+    result.errors = dict(errors)
+    result.requests_per_second = round(result.requests / result.seconds, 1)
+    if result.requests:
+        result.server_cpu_us_per_request = round(used / result.requests * 1e6, 2)
+    return result
+
+
+def median_mint(results: list[MintResult]) -> MintResult:
+    """The round with the median requests per second, with the rounds' count noted."""
+    ordered = sorted(results, key=lambda m: m.requests_per_second)
+    chosen = ordered[len(ordered) // 2]
+    chosen.rounds = len(results)
+    chosen.rounds_rps = [m.requests_per_second for m in results]
+    return chosen
+
+
+async def measure_open_streams(
+    targets: Targets, streams: int, chunks_each: int, ramp_seconds: float
+) -> OpenStreamsResult:
+    """`streams` Chat streams through HealthAgent, started over `ramp_seconds`, each getting a
+    chunk every second for `chunks_each` seconds."""
+    result = OpenStreamsResult(streams, chunks_each, ramp_seconds)
+    users = [f"open-{i % OPEN_STREAM_USERS}" for i in range(streams)]
+    client = targets.client("healthagent", streams)
+    server = targets.healthagent.process.pid
+    message = f"[chunks={chunks_each}] [pace=1000] [stamp]"
+    open_now = 0
+    samples: list[TurnSample] = []
+    try:
+        await client.prepare(users)
+        distinct = sorted(set(users))
+        await asyncio.gather(
+            *(client.turn(i, u, "[chunks=1] [stamp]") for i, u in enumerate(distinct))
+        )
+        result.server_rss_idle_bytes = rss_bytes(server)
+        result.server_rss_peak_bytes = result.server_rss_idle_bytes
+        cpu = cpu_seconds(server)
+        started = time.monotonic()
+        running = True
+
+        async def sample_memory() -> None:
+            while running:
+                rss = rss_bytes(server)
+                result.server_rss_peak_bytes = max(result.server_rss_peak_bytes, rss)
+                await asyncio.sleep(0.5)
+
+        async def one(index: int, user: str) -> None:
+            nonlocal open_now
+            await asyncio.sleep(ramp_seconds * index / streams)
+            open_now += 1
+            result.max_open = max(result.max_open, open_now)
+            try:
+                samples.append(await client.turn(index, user, message))
+            finally:
+                open_now -= 1
+
+        sampler = asyncio.create_task(sample_memory())
+        await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
+        running = False
+        await sampler
+        result.seconds = round(time.monotonic() - started, 3)
+        result.server_cpu_seconds = round(cpu_seconds(server) - cpu, 2)
+    finally:
+        await client.close()
+    errors: Counter[str] = Counter(
+        f"{s.error}: {s.detail}" if s.detail else s.error for s in samples if s.error is not None
+    )
+    result.errors = dict(errors)
+    result.completed = sum(1 for s in samples if s.error is None)
+    result.chunks = sum(s.chunks for s in samples)
+    result.chunk_latency = percentiles(
+        [
+            r - s
+            for sample in samples
+            for s, r in zip(sample.sent_ns, sample.received_ns, strict=True)
+        ]
+    )
+    return result
+
+
+def compare(report: Report) -> dict[str, Any]:
+    """The targets from the issue, each as a ratio or an overhead taken in this run."""
+    by = {(p.target, p.concurrency, p.phase): p for p in report.phases}
+    out: dict[str, Any] = {}
+    paced_100 = by.get(("healthagent", 100, "paced"))
+    if paced_100 is not None:
+        out["first_chunk_latency_at_100"] = {
+            "p50_ms": paced_100.first_chunk_latency["p50_ms"],
+            "p99_ms": paced_100.first_chunk_latency["p99_ms"],
+            "target": "p50 <= 1 ms, p99 <= 5 ms",
+        }
+    ratios = {}
+    for (target, concurrency, phase), result in by.items():
+        bare = by.get(("bare", concurrency, phase))
+        if target == "healthagent" and phase == "throughput" and bare is not None:
+            ratios[str(concurrency)] = round(
+                result.server_cpu_us_per_chunk / bare.server_cpu_us_per_chunk, 2
+            )
+    out["cpu_per_chunk_vs_bare"] = {"by_concurrency": ratios, "target": "<= 1.5"}
+    mints = {m.target: m for m in report.mint}
+    if "bare" in mints and "healthagent" in mints:
+        out["mint_rps_vs_bare"] = {
+            "ratio": round(
+                mints["healthagent"].requests_per_second / mints["bare"].requests_per_second, 3
+            ),
+            "target": ">= 0.8",
+        }
+    if report.open_streams is not None:
+        open_streams = report.open_streams
+        out["open_streams"] = {
+            "streams": open_streams.streams,
+            "errors": sum(open_streams.errors.values()),
+            "server_rss_peak_mib": round(open_streams.server_rss_peak_bytes / 2**20, 1),
+            "target": "no errors, <= 1536 MiB",
+        }
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(memory) / 2**20, 1),
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+    }
+
+
+def markdown(report: Report) -> str:
+    """The report as Markdown tables."""
+    lines = [
+        "| streams | target | phase | chunks/s | first chunk p50 / p99 ms"
+        " | every chunk p50 / p99 ms | server CPU us/chunk | RSS per open stream | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in report.phases:
+        rss = f"{p.rss_per_open_stream_bytes / 1024:.1f} KiB" if p.phase == "paced" else ""
+        lines.append(
+            f"| {p.concurrency} | {p.target} | {p.phase}"
+            + (f" ({p.pace_ms:g} ms)" if p.phase == "paced" else "")
+            + f" | {p.chunks_per_second:,.0f}"
+            f" | {p.first_chunk_latency['p50_ms']} / {p.first_chunk_latency['p99_ms']}"
+            f" | {p.chunk_latency['p50_ms']} / {p.chunk_latency['p99_ms']}"
+            f" | {p.server_cpu_us_per_chunk} | {rss} | {sum(p.errors.values()) or 0} |"
+        )
+    lines += ["", "| MintSession | concurrency | requests/s | server CPU us/request | errors |"]
+    lines.append("|---|---|---|---|---|")
+    for m in report.mint:
+        lines.append(
+            f"| {m.target} | {m.concurrency} | {m.requests_per_second:,.0f}"
+            f" | {m.server_cpu_us_per_request} | {sum(m.errors.values())} |"
+        )
+    if report.open_streams is not None:
+        o = report.open_streams
+        lines += [
+            "",
+            "| open streams | max open at once | completed | errors | chunks | chunk latency"
+            " p50 / p99 ms | server RSS idle | server RSS peak | server CPU s |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {o.streams:,} | {o.max_open:,} | {o.completed:,} | {sum(o.errors.values())}"
+            f" | {o.chunks:,} | {o.chunk_latency['p50_ms']} / {o.chunk_latency['p99_ms']}"
+            f" | {o.server_rss_idle_bytes / 2**20:.1f} MiB"
+            f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB | {o.server_cpu_seconds} |",
+        ]
+    return "\n".join(lines)
+
+
+def plot(report: Report, out: Path) -> list[Path]:
+    """Throughput and added latency against concurrency, one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figures: list[tuple[str, str, str, Callable[[PhaseResult], float]]] = [
+        ("throughput.png", "throughput", "chunks per second", lambda p: p.chunks_per_second),
+        (
+            "latency.png",
+            "paced",
+            "first-chunk latency p50 / p99 (ms)",
+            lambda p: float(p.first_chunk_latency["p50_ms"]),
+        ),
+    ]
+    for name, phase, ylabel, value in figures:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for target in TARGETS:
+            points = [p for p in report.phases if p.target == target and p.phase == phase]
+            if not points:
+                continue
+            xs = [p.concurrency for p in points]
+            (line,) = axes.plot(xs, [value(p) for p in points], marker="o", label=f"{target}")
+            if phase == "paced":
+                axes.plot(
+                    xs,
+                    [float(p.first_chunk_latency["p99_ms"]) for p in points],
+                    marker="x",
+                    linestyle="--",
+                    color=line.get_color(),
+                    label=f"{target} p99",
+                )
+        axes.set_xscale("log")
+        if phase == "paced":
+            axes.set_yscale("log")  # p99 at 1,000 streams is two orders above the rest
+        axes.set_xlabel("concurrent streams")
+        axes.set_ylabel(ylabel)
+        axes.set_title(f"{phase}: sender to client, loopback, 2 cores")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        path = out / name
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+async def run_all(options: argparse.Namespace) -> Report:
+    report = Report(machine(), " ".join(["python -m bench.performance", *sys.argv[1:]]))
+    targets = start_targets()
+    try:
+        for concurrency in options.concurrency:
+            for target in TARGETS:
+                result = await measure(
+                    targets,
+                    target,
+                    concurrency,
+                    "throughput",
+                    throughput_run(options.seconds, options.chunks),
+                )
+                report.phases.append(result)
+                print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+            pace_ms = max(options.min_pace_ms, round(concurrency * 1000 / options.paced_rate))
+            for target in TARGETS:
+                result = await measure(
+                    targets,
+                    target,
+                    concurrency,
+                    "paced",
+                    paced_run(options.paced_seconds, options.chunks, pace_ms, options.seed),
+                    sample_rss=True,
+                )
+                result.pace_ms = pace_ms
+                report.phases.append(result)
+                print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+        # alternate the two, several rounds each: on a shared machine a single pair of
+        # runs differs by a third from one minute to the next
+        rounds: dict[str, list[MintResult]] = {"bare": [], "healthagent": []}
+        for _ in range(options.mint_rounds):
+            for target, results in rounds.items():
+                mint = await measure_mint(
+                    targets, target, options.mint_concurrency, options.mint_seconds
+                )
+                results.append(mint)
+                print(json.dumps(asdict(mint)), file=sys.stderr, flush=True)
+        report.mint = [median_mint(results) for results in rounds.values()]
+        if options.open_streams:
+            report.open_streams = await measure_open_streams(
+                targets, options.open_streams, options.open_seconds, options.open_ramp_seconds
+            )
+            print(json.dumps(asdict(report.open_streams)), file=sys.stderr, flush=True)
+    finally:
+        targets.stop()
+    report.targets = compare(report)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100, 1000]
+    )
+    parser.add_argument("--chunks", type=int, default=CHUNKS)
+    parser.add_argument("--seconds", type=float, default=10.0, help="throughput phase length")
+    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--paced-rate", type=float, default=2000.0, help="chunks per second offered when paced"
+    )
+    parser.add_argument("--min-pace-ms", type=int, default=10)
+    parser.add_argument("--mint-concurrency", type=int, default=32)
+    parser.add_argument("--mint-seconds", type=float, default=5.0)
+    parser.add_argument("--mint-rounds", type=int, default=3)
+    parser.add_argument("--open-streams", type=int, default=10_000)
+    parser.add_argument(
+        "--open-seconds",
+        type=int,
+        default=90,
+        help="chunks per stream, one a second; more than the ramp, so all are open at once",
+    )
+    parser.add_argument("--open-ramp-seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--replot", action="store_true", help="draw the plots of --out/results.json again, no run"
+    )
+    return parser.parse_args(argv)
+
+
+def load_report(path: Path) -> Report:
+    """A report written earlier (`results.json`), to draw its plots again."""
+    data = json.loads(path.read_text())
+    report = Report(data["machine"], data["command"], targets=data["targets"])
+    report.phases = [PhaseResult(**phase) for phase in data["phases"]]
+    report.mint = [MintResult(**mint) for mint in data["mint"]]
+    if data["open_streams"] is not None:
+        report.open_streams = OpenStreamsResult(**data["open_streams"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report:
+    options = parse_args(argv)
+    if options.replot:
+        report = load_report(options.out / "results.json")
+        plot(report, options.out)
+        print(markdown(report))
+        return report
+    report = asyncio.run(run_all(options))
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "results.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if not options.no_plots:
+        plot(report, options.out)
+    print(markdown(report))
+    print(json.dumps(report.targets, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The performance harness runs end to end at a tiny size and reports every figure.
+
+Timings are not asserted here (shared, noisy machines); `docs/benchmarks.md` has the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.performance import TARGETS
+
+
+def test_harness_reports_every_figure(tmp_path: Path) -> None:
+    concurrencies = [1, 3]
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.performance",
+            "--concurrency",
+            ",".join(map(str, concurrencies)),
+            "--chunks",
+            "5",
+            "--seconds",
+            "0.5",
+            "--paced-seconds",
+            "0.5",
+            "--mint-concurrency",
+            "2",
+            "--mint-seconds",
+            "0.3",
+            "--mint-rounds",
+            "1",
+            "--open-streams",
+            "20",
+            "--open-seconds",
+            "2",
+            "--open-ramp-seconds",
+            "0.5",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["machine"]["cores"] >= 1 and report["command"].startswith("python -m bench")
+
+    phases = {(p["target"], p["concurrency"], p["phase"]): p for p in report["phases"]}
+    assert set(phases) == {
+        (t, c, phase) for t in TARGETS for c in concurrencies for phase in ("throughput", "paced")
+    }
+    for key, phase in phases.items():
+        assert phase["errors"] == {}, key
+        assert phase["turns"] >= phase["concurrency"] and phase["chunks"] >= 5 * phase["turns"]
+        assert phase["chunks_per_second"] > 0 and phase["server_cpu_us_per_chunk"] >= 0
+        for figure in ("first_chunk_latency", "chunk_latency", "time_to_first_chunk"):
+            values = phase[figure]
+            assert values["n"] > 0 and not math.isnan(values["p50_ms"]), (key, figure)
+            # a chunk cannot arrive before it was sent: the clocks are one clock
+            assert 0 <= values["p50_ms"] <= values["p99_ms"] <= values["max_ms"], (key, figure)
+        if phase["phase"] == "paced":
+            assert phase["pace_ms"] >= 10 and "rss_per_open_stream_bytes" in phase
+
+    mints = {m["target"]: m for m in report["mint"]}
+    assert set(mints) == {"bare", "healthagent"}
+    assert all(m["requests"] > 0 and m["errors"] == {} for m in mints.values())
+
+    open_streams = report["open_streams"]
+    assert open_streams["completed"] == 20 and open_streams["errors"] == {}
+    assert open_streams["chunks"] == 20 * 2 and open_streams["server_rss_peak_bytes"] > 0
+
+    targets = report["targets"]
+    assert set(targets) == {"cpu_per_chunk_vs_bare", "mint_rps_vs_bare", "open_streams"}
+    assert set(targets["cpu_per_chunk_vs_bare"]["by_concurrency"]) == {"1", "3"}
+    for plot in ("throughput.png", "latency.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+    assert "| streams | target | phase |" in finished.stdout
+
+    for plot in ("throughput.png", "latency.png"):
+        (tmp_path / plot).unlink()
+    replotted = subprocess.run(
+        [sys.executable, "-m", "bench.performance", "--replot", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replotted.returncode == 0, replotted.stderr[-4000:]
+    assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
