@@ -7,19 +7,21 @@ with CLOCK_MONOTONIC, which all processes on the machine share):
 
 - `bare`: a bare grpc.aio server with HealthAgent's API and nothing behind it (the ceiling);
 - `direct`: a client that mints its own ChatKit session and reads the emulator's SSE itself;
-- `healthagent`: `healthagent serve` (embedded SQLite history, defaults otherwise) in front of
-  the emulator.
+- `healthagent`: `healthagent serve` in front of the emulator, with its embedded SQLite history;
+  the per-user rate and stream limits are off and the log level is warning, as for any load test.
 
 For each concurrency (1, 100, 1,000 streams) and target, two phases:
 
 - throughput: every stream runs turns back to back, unpaced, for `--seconds`; chunks per
   second and CPU seconds per chunk (of the process that streams to the client);
-- paced: chunks `concurrency / --paced-rate` seconds apart (so every concurrency offers the
-  same load, well under saturation), turns staggered, for at least `--paced-seconds`; the
+- paced: chunks `concurrency / --paced-rate` seconds apart, at least `--min-pace-ms` (so every
+  concurrency offers the same load: well under the bare server's capacity, near HealthAgent's at
+  1,000 streams), turns staggered, for at least `--paced-seconds`; the
   latency from sender to client for the first chunk of each turn and for every chunk, and
   resident memory per open stream.
 
-Then MintSession requests per second (warm pool) against the bare unary handler, and
+Then MintSession requests per second (warm pool) against the bare unary handler, in alternating
+rounds (the median is reported), and
 `--open-streams` concurrent Chat streams held open with a chunk every second each.
 
 Loopback only; every phase is bounded in time. Writes `results.json` and PNG plots to `--out`,
