@@ -149,6 +149,11 @@ def rss_breakdown(pid: int) -> dict[str, int]:
     return out
 
 
+def open_files(pid: int) -> int:
+    """How many file descriptors (sockets included) a process holds (Linux /proc)."""
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

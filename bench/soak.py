@@ -22,7 +22,13 @@ from typing import Any
 import grpc
 import httpx
 
-from bench.processes import rss_breakdown, rss_bytes, start_emulator_process, start_serve
+from bench.processes import (
+    open_files,
+    rss_breakdown,
+    rss_bytes,
+    start_emulator_process,
+    start_serve,
+)
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.script import plan_reply
@@ -52,6 +58,8 @@ class SoakReport:
     server_rss_end: int = 0
     server_rss_after_each_round: list[int] = field(default_factory=list)
     server_rss_breakdown_start: dict[str, int] = field(default_factory=dict)
+    server_open_files_start: int = 0
+    server_open_files_after_each_round: list[int] = field(default_factory=list)
     server_rss_breakdown_after_each_round: list[dict[str, int]] = field(default_factory=list)
 
     @property
@@ -131,10 +139,12 @@ async def run_soak(
         await run_round(warmup_seconds, sample=False)
         report.server_rss_start = rss_bytes(server.process.pid)
         report.server_rss_breakdown_start = rss_breakdown(server.process.pid)
+        report.server_open_files_start = open_files(server.process.pid)
         for _ in range(rounds):
             await run_round(seconds, sample=True)
             report.server_rss_after_each_round.append(rss_bytes(server.process.pid))
             report.server_rss_breakdown_after_each_round.append(rss_breakdown(server.process.pid))
+            report.server_open_files_after_each_round.append(open_files(server.process.pid))
         report.server_rss_end = report.server_rss_after_each_round[-1]
         async with httpx.AsyncClient() as http:
             stats = (await http.get(emulator.base_url.replace("/v1", "/_emulator/stats"))).json()
