@@ -19,11 +19,16 @@ import httpx
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.script import parse_stamp
+from healthagent_service.upstream.chatkit import CHATKIT_BETA_HEADER
 from healthagent_service.upstream.chatkit_events import TEXT_DELTA
 from healthagent_service.upstream.sse import SSEDecoder
 
 STREAMS_PER_CHANNEL = 100
-CHATKIT_BETA = {"OpenAI-Beta": "chatkit_beta=v1"}
+
+
+def _connections_for(streams: int) -> int:
+    """One connection per `STREAMS_PER_CHANNEL` streams, at least one."""
+    return max(1, -(-streams // STREAMS_PER_CHANNEL))
 
 
 @dataclass
@@ -53,7 +58,7 @@ class GrpcTurns:
     """`Chat` over `ceil(streams / 100)` channels, as a service-to-service caller would."""
 
     def __init__(self, address: str, streams: int) -> None:
-        count = max(1, -(-streams // STREAMS_PER_CHANNEL))
+        count = _connections_for(streams)
         # a distinct argument per channel, or gRPC would share one connection among them all
         self._channels = [
             grpc.aio.insecure_channel(address, options=[("bench.channel", index)])
@@ -110,7 +115,7 @@ class DirectTurns:
         self._workflow = workflow
         # one pool per 100 streams, as HealthAgent shards its own (httpcore scans a whole pool
         # per request, which would make a single pool of 1,000 the bottleneck)
-        count = max(1, -(-streams // STREAMS_PER_CHANNEL))
+        count = _connections_for(streams)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self._clients = [
             httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) for _ in range(count)
@@ -124,7 +129,10 @@ class DirectTurns:
             response = await self._clients[0].post(
                 f"{self._base_url}/chatkit/sessions",
                 json={"user": user, "workflow": {"id": self._workflow}},
-                headers={"Authorization": f"Bearer {self._api_key}", **CHATKIT_BETA},
+                headers={
+                    "Authorization": f"Bearer {self._api_key}",
+                    CHATKIT_BETA_HEADER[0]: CHATKIT_BETA_HEADER[1],
+                },
             )
             response.raise_for_status()
             self._secrets[user] = response.json()["client_secret"]

@@ -138,15 +138,20 @@ def start_emulator_process(
     )
 
 
+def _status_bytes(pid: int) -> dict[str, int]:
+    """The size fields of /proc/PID/status ("VmRSS", "RssAnon", ...), in bytes."""
+    sizes: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            sizes[name] = int(value.split()[0]) * 1024
+    return sizes
+
+
 def rss_breakdown(pid: int) -> dict[str, int]:
     """Resident memory split into anonymous (heap), file-backed and shared pages, in bytes."""
-    wanted = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name = line.split(None, 1)[0] if line else ""
-        if name in wanted:
-            out[wanted[name]] = int(line.split()[1]) * 1024
-    return out
+    sizes = _status_bytes(pid)
+    return {"anon": sizes["RssAnon"], "file": sizes["RssFile"], "shmem": sizes["RssShmem"]}
 
 
 def open_files(pid: int) -> int:
@@ -156,7 +161,4 @@ def open_files(pid: int) -> int:
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return _status_bytes(pid)["VmRSS"]
