@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import httpx
 
+from healthagent_service.upstream.asyncio_network import asyncio_transport
+
 CONNECTIONS_PER_SHARD = 64
 MIN_SHARDS = 16
 
@@ -36,13 +38,13 @@ class ShardedHttpClient:
         per_shard = max(1, -(-max_connections // count))
         # one TLS context for all of them: loading the CA bundle once, not once per pool
         tls = httpx.create_ssl_context()
+        # idle connections still close after httpx's keep-alive expiry (5 s)
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         self._clients = [
             httpx.AsyncClient(
                 timeout=timeout,
                 trust_env=False,
-                verify=tls,
-                # idle connections still close after httpx's keep-alive expiry (5 s)
-                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                transport=asyncio_transport(ssl_context=tls, limits=limits),
             )
             for _ in range(count)
         ]
