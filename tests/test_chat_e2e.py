@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from healthagent.client import AsyncHealthAgentClient, HealthAgentClient
 from healthagent.v1 import health_agent_pb2 as pb
@@ -61,6 +62,37 @@ async def test_conversation_continues_and_request_id_is_echoed(service: Service)
     assert second[0].session.conversation_id == conversation
     assert assistant_text(second).startswith("You said: two.")
     assert ("x-request-id", "req-42") in tuple(await call.initial_metadata())
+
+
+async def test_unary_calls_and_errors_echo_the_request_id_in_trailers(service: Service) -> None:
+    mint = service.stub.MintSession(
+        pb.MintSessionRequest(user="u-rid"), metadata=(("x-request-id", "req-43"),)
+    )
+    assert (await mint).user == "u-rid"
+    assert ("x-request-id", "req-43") in tuple(await mint.trailing_metadata())
+    # a new id when the caller sent none (or one that is not sane)
+    unnamed = service.stub.MintSession(
+        pb.MintSessionRequest(user="u-rid"), metadata=(("x-request-id", "bad id!"),)
+    )
+    await unnamed
+    generated = dict(await unnamed.trailing_metadata())["x-request-id"]
+    assert len(generated) == 32 and generated != "bad id!"
+    # a failure keeps its google.rpc details and the id, for unary calls and for Chat
+    with pytest.raises(grpc.aio.AioRpcError) as mint_failure:
+        await service.stub.MintSession(
+            pb.MintSessionRequest(user=""), metadata=(("x-request-id", "req-44"),)
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as chat_failure:
+        await collect(
+            service.stub.Chat(
+                pb.ChatRequest(message="", user="u-rid"), metadata=(("x-request-id", "req-45"),)
+            )
+        )
+    for failure, request_id in ((mint_failure.value, "req-44"), (chat_failure.value, "req-45")):
+        assert failure.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(failure.trailing_metadata() or ())["x-request-id"] == request_id
+        details = rpc_status.from_call(failure)  # type: ignore[arg-type]
+        assert details is not None and details.details
 
 
 async def test_client_tool_call_round_trip(service: Service) -> None:

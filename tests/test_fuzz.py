@@ -3,11 +3,13 @@ INTERNAL, and the server stays SERVING."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from bench.processes import ServeProcess, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.api.converter import timestamp
 
 UNDELIBERATE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # Text with control characters, surrogate-free unicode, emptiness and size.
@@ -140,3 +143,16 @@ def test_every_request_gets_a_deliberate_status(
         health: Any = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(service="healthagent.v1.HealthAgent"))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime.datetime(1, 1, 2),
+        max_value=datetime.datetime(9999, 12, 30),
+        timezones=st.timezones(),
+    )
+)
+def test_timestamps_match_protobufs_own_conversion(moment: datetime.datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(moment.astimezone(datetime.UTC))
+    assert timestamp(moment) == expected

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import platform
 import signal
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -122,3 +124,15 @@ def test_malloc_arena_cap_applies_on_glibc() -> None:
     assert limit_malloc_arenas(0) is False  # 0 leaves glibc's default alone
     if platform.libc_ver()[0] == "glibc":
         assert limit_malloc_arenas(8) is True  # glibc's own default on a 1-core machine
+
+
+def test_serve_tunes_the_garbage_collector() -> None:
+    # in a child process: the setting is process-wide
+    probe = (
+        "import gc; from healthagent_service.memory import tune_garbage_collector as t; "
+        "t(20000); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert out == ["20000", "True"]

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
 from healthagent_service.config import DEFAULT_LISTEN, Settings
 from healthagent_service.logging import configure_logging
-from healthagent_service.memory import limit_malloc_arenas
+from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
 
 DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
 DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
             from healthagent_service.server import serve
 
+            tune_garbage_collector(settings.gc_gen0_threshold)
             asyncio.run(serve(settings, options.listen))
             return 0
         if options.command == "chat":

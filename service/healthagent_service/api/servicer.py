@@ -52,11 +52,11 @@ def _request_id(context: Context) -> str:
     return uuid.uuid4().hex
 
 
-async def _begin(context: Context, rpc: str) -> float:
+def _begin(context: Context, rpc: str) -> tuple[float, tuple[tuple[str, str]]]:
+    """Start time and the request id's metadata; the id is on every log line of the call."""
     request_id = _request_id(context)
     structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
-    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-    return time.perf_counter()
+    return time.perf_counter(), ((REQUEST_ID_KEY, request_id),)
 
 
 async def _fail(context: Context, error: HealthAgentError, started: float) -> NoReturn:
@@ -67,7 +67,9 @@ async def _fail(context: Context, error: HealthAgentError, started: float) -> No
         error=error.message,
         duration_ms=_ms_since(started),
     )
-    await context.abort_with_status(to_status(error))
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    echo = ((REQUEST_ID_KEY, str(request_id)),) if request_id else ()
+    await context.abort_with_status(to_status(error, trailing_metadata=echo))
     raise AssertionError("abort_with_status returned")  # it always raises
 
 
@@ -191,7 +193,11 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     ) -> Response:
         """Run a unary handler's work with a request id, the caller's identity, logging and
         error mapping."""
-        started = await _begin(context, rpc)
+        started, request_id = _begin(context, rpc)
+        # A unary call's headers and trailers reach the caller together, and trailers ride in
+        # the same gRPC batch as the answer; headers sent first cost their own batch and
+        # write, about a fifth of a MintSession's server time (docs/benchmarks.md).
+        context.set_trailing_metadata(request_id)
         try:
             principal = await self._auth.authenticate(context.invocation_metadata())
             response = await work(principal)
@@ -251,7 +257,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     async def Chat(  # noqa: N802 - the name is the RPC's
         self, request: pb.ChatRequest, context: Context
     ) -> None:
-        started = await _begin(context, "Chat")
+        started, request_id = _begin(context, "Chat")
+        # in the headers, so the caller has it before the first event
+        await context.send_initial_metadata(request_id)
         clock = time.perf_counter
         waited = 0.0  # time spent waiting on the upstream
         first_chunk_at: float | None = None

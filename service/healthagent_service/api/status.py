@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from healthagent_service.errors import ErrorKind, HealthAgentError
 from healthagent_service.security.redaction import REDACTOR
 
 ERROR_DOMAIN = "healthagent.v1"
+# where gRPC carries a google.rpc.Status; what grpc_status.rpc_status reads on the client side
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 _CODES: dict[ErrorKind, tuple[grpc.StatusCode, int]] = {
     ErrorKind.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
@@ -35,6 +37,15 @@ _RETRYABLE = frozenset({ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.UNAVAILABLE})
 DEFAULT_RETRY_DELAY_SECONDS = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class RichStatus(grpc.Status):
+    """What `grpc_status.rpc_status.to_status` builds, with room for more trailing metadata."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 def status_code(error: HealthAgentError) -> grpc.StatusCode:
     """The gRPC status code for an error kind."""
     return _CODES[error.kind][0]
@@ -46,8 +57,11 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def to_status(error: HealthAgentError) -> grpc.Status:
-    """A status carrying ErrorInfo always, BadRequest and RetryInfo where they apply."""
+def to_status(
+    error: HealthAgentError, *, trailing_metadata: tuple[tuple[str, str], ...] = ()
+) -> grpc.Status:
+    """A status carrying ErrorInfo always, BadRequest and RetryInfo where they apply, and
+    `trailing_metadata` besides its details."""
     details = [
         _pack(
             error_details_pb2.ErrorInfo(
@@ -86,4 +100,11 @@ def to_status(error: HealthAgentError) -> grpc.Status:
     proto = status_pb2.Status(
         code=_CODES[error.kind][1], message=REDACTOR.redact(error.message), details=details
     )
-    return rpc_status.to_status(proto)
+    return RichStatus(
+        code=_CODES[error.kind][0],
+        details=proto.message,
+        trailing_metadata=(
+            (STATUS_DETAILS_KEY, proto.SerializeToString()),
+            *trailing_metadata,
+        ),
+    )
