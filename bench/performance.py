@@ -121,6 +121,7 @@ class MintResult:
 
 @dataclass
 class OpenStreamsResult:
+    target: str
     streams: int
     chunks_each: int
     ramp_seconds: float
@@ -141,7 +142,7 @@ class Report:
     command: str
     phases: list[PhaseResult] = field(default_factory=list)
     mint: list[MintResult] = field(default_factory=list)
-    open_streams: OpenStreamsResult | None = None
+    open_streams: list[OpenStreamsResult] = field(default_factory=list)
     targets: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -365,14 +366,14 @@ def median_mint(results: list[MintResult]) -> MintResult:
 
 
 async def measure_open_streams(
-    targets: Targets, streams: int, chunks_each: int, ramp_seconds: float
+    targets: Targets, target: str, streams: int, chunks_each: int, ramp_seconds: float
 ) -> OpenStreamsResult:
-    """`streams` Chat streams through HealthAgent, started over `ramp_seconds`, each getting a
-    chunk every second for `chunks_each` seconds."""
-    result = OpenStreamsResult(streams, chunks_each, ramp_seconds)
+    """`streams` Chat streams through `target` (bare or healthagent), started over
+    `ramp_seconds`, each getting a chunk every second for `chunks_each` seconds."""
+    result = OpenStreamsResult(target, streams, chunks_each, ramp_seconds)
     users = [f"open-{i % OPEN_STREAM_USERS}" for i in range(streams)]
-    client = targets.client("healthagent", streams)
-    server = targets.healthagent.process.pid
+    client = targets.client(target, streams)
+    server = targets.server_pid(target)
     message = f"[chunks={chunks_each}] [pace=1000] [stamp]"
     open_now = 0
     samples: list[TurnSample] = []
@@ -439,14 +440,18 @@ def compare(report: Report) -> dict[str, Any]:
             "p99_ms": paced_100.first_chunk_latency["p99_ms"],
             "target": "p50 <= 1 ms, p99 <= 5 ms",
         }
-    ratios = {}
+    ratios: dict[str, dict[str, float]] = {"throughput": {}, "paced": {}}
     for (target, concurrency, phase), result in by.items():
         bare = by.get(("bare", concurrency, phase))
-        if target == "healthagent" and phase == "throughput" and bare is not None:
-            ratios[str(concurrency)] = round(
+        if target == "healthagent" and bare is not None and bare.server_cpu_us_per_chunk:
+            ratios[phase][str(concurrency)] = round(
                 result.server_cpu_us_per_chunk / bare.server_cpu_us_per_chunk, 2
             )
-    out["cpu_per_chunk_vs_bare"] = {"by_concurrency": ratios, "target": "<= 1.5"}
+    out["cpu_per_chunk_vs_bare"] = {
+        "by_concurrency": ratios["throughput"],
+        "paced_by_concurrency": ratios["paced"],
+        "target": "<= 1.5",
+    }
     mints = {m.target: m for m in report.mint}
     if "bare" in mints and "healthagent" in mints:
         out["mint_rps_vs_bare"] = {
@@ -455,14 +460,14 @@ def compare(report: Report) -> dict[str, Any]:
             ),
             "target": ">= 0.8",
         }
-    if report.open_streams is not None:
-        open_streams = report.open_streams
-        out["open_streams"] = {
-            "streams": open_streams.streams,
-            "errors": sum(open_streams.errors.values()),
-            "server_rss_peak_mib": round(open_streams.server_rss_peak_bytes / 2**20, 1),
-            "target": "no errors, <= 1536 MiB",
-        }
+    for open_streams in report.open_streams:
+        if open_streams.target == "healthagent":
+            out["open_streams"] = {
+                "streams": open_streams.streams,
+                "errors": sum(open_streams.errors.values()),
+                "server_rss_peak_mib": round(open_streams.server_rss_peak_bytes / 2**20, 1),
+                "target": "no errors, <= 1536 MiB",
+            }
     return out
 
 
@@ -506,18 +511,21 @@ def markdown(report: Report) -> str:
             f"| {m.target} | {m.concurrency} | {m.requests_per_second:,.0f}"
             f" | {m.server_cpu_us_per_request} | {sum(m.errors.values())} |"
         )
-    if report.open_streams is not None:
-        o = report.open_streams
+    if report.open_streams:
         lines += [
             "",
-            "| open streams | max open at once | completed | errors | chunks | chunk latency"
-            " p50 / p99 ms | server RSS idle | server RSS peak | server CPU s |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {o.streams:,} | {o.max_open:,} | {o.completed:,} | {sum(o.errors.values())}"
-            f" | {o.chunks:,} | {o.chunk_latency['p50_ms']} / {o.chunk_latency['p99_ms']}"
-            f" | {o.server_rss_idle_bytes / 2**20:.1f} MiB"
-            f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB | {o.server_cpu_seconds} |",
+            "| open streams | target | max open at once | completed | errors | chunks"
+            " | chunk latency p50 / p99 ms | server RSS idle | server RSS peak | server CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+    for o in report.open_streams:
+        lines.append(
+            f"| {o.streams:,} | {o.target} | {o.max_open:,} | {o.completed:,}"
+            f" | {sum(o.errors.values())} | {o.chunks:,}"
+            f" | {o.chunk_latency['p50_ms']} / {o.chunk_latency['p99_ms']}"
+            f" | {o.server_rss_idle_bytes / 2**20:.1f} MiB"
+            f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB | {o.server_cpu_seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -610,11 +618,17 @@ async def run_all(options: argparse.Namespace) -> Report:
                 results.append(mint)
                 print(json.dumps(asdict(mint)), file=sys.stderr, flush=True)
         report.mint = [median_mint(results) for results in rounds.values()]
-        if options.open_streams:
-            report.open_streams = await measure_open_streams(
-                targets, options.open_streams, options.open_seconds, options.open_ramp_seconds
+        for target in options.open_targets if options.open_streams else []:
+            # the bare server too: whether this machine can hold the load at all
+            open_streams = await measure_open_streams(
+                targets,
+                target,
+                options.open_streams,
+                options.open_seconds,
+                options.open_ramp_seconds,
             )
-            print(json.dumps(asdict(report.open_streams)), file=sys.stderr, flush=True)
+            report.open_streams.append(open_streams)
+            print(json.dumps(asdict(open_streams)), file=sys.stderr, flush=True)
     finally:
         targets.stop()
     report.targets = compare(report)
@@ -644,6 +658,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="chunks per stream, one a second; more than the ramp, so all are open at once",
     )
     parser.add_argument("--open-ramp-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--open-targets",
+        type=lambda s: s.split(","),
+        default=["bare", "healthagent"],
+        help="targets of the open-streams phase",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--no-plots", action="store_true")
@@ -659,8 +679,7 @@ def load_report(path: Path) -> Report:
     report = Report(data["machine"], data["command"], targets=data["targets"])
     report.phases = [PhaseResult(**phase) for phase in data["phases"]]
     report.mint = [MintResult(**mint) for mint in data["mint"]]
-    if data["open_streams"] is not None:
-        report.open_streams = OpenStreamsResult(**data["open_streams"])
+    report.open_streams = [OpenStreamsResult(**o) for o in data["open_streams"]]
     return report
 
 

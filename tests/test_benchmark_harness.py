@@ -73,13 +73,15 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     assert set(mints) == {"bare", "healthagent"}
     assert all(m["requests"] > 0 and m["errors"] == {} for m in mints.values())
 
-    open_streams = report["open_streams"]
-    assert open_streams["completed"] == 20 and open_streams["errors"] == {}
-    assert open_streams["chunks"] == 20 * 2 and open_streams["server_rss_peak_bytes"] > 0
+    assert [o["target"] for o in report["open_streams"]] == ["bare", "healthagent"]
+    for open_streams in report["open_streams"]:
+        assert open_streams["completed"] == 20 and open_streams["errors"] == {}
+        assert open_streams["chunks"] == 20 * 2 and open_streams["server_rss_peak_bytes"] > 0
 
     targets = report["targets"]
     assert set(targets) == {"cpu_per_chunk_vs_bare", "mint_rps_vs_bare", "open_streams"}
     assert set(targets["cpu_per_chunk_vs_bare"]["by_concurrency"]) == {"1", "3"}
+    assert set(targets["cpu_per_chunk_vs_bare"]["paced_by_concurrency"]) == {"1", "3"}
     for plot in ("throughput.png", "latency.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
     assert "| streams | target | phase |" in finished.stdout
