@@ -5,6 +5,8 @@ slowly, timeouts, refusals and resets, each mapped to the httpx error the servic
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -162,6 +164,27 @@ async def test_a_connection_the_peer_closed_while_idle_is_not_reused(server: Ser
         await asyncio.sleep(0.1)  # the close reaches the client while the connection idles
         assert await read_sse(http, f"http://127.0.0.1:{server.port}/sse") == expected_sse()
     assert server.connections == 2
+
+
+async def test_idle_connections_on_descriptors_above_1023(server: Server) -> None:
+    # a server with thousands of upstream streams has descriptors beyond select()'s reach
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY)]
+    try:
+        while fillers[-1] < 1100:  # every lower descriptor taken: the client's is above
+            fillers.append(os.dup(fillers[0]))
+        async with client() as http:
+            for _ in range(2):  # the second request checks the idle connection first
+                assert await read_sse(http, f"http://127.0.0.1:{server.port}/sse") == (
+                    expected_sse()
+                )
+        assert server.connections == 1
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_read_timeout(server: Server) -> None:

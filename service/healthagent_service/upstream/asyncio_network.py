@@ -102,7 +102,11 @@ class _StreamProtocol(asyncio.Protocol):
         if self._buffer or self._eof:
             return True
         sock = self.transport.get_extra_info("socket") if self.transport else None
-        return sock is None or bool(select.select([sock], [], [], 0)[0])
+        if sock is None:
+            return True
+        poller = select.poll()  # not select(): descriptors above 1023 are common here
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         if not self._buffer and not self._eof:
