@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
+from healthagent_service.upstream.http_clients import ShardedHttpClient
 from tests.test_tls import Pki
 
 # 16 MiB: more than loopback's socket buffers and the reader's 256 KiB limit together
@@ -111,7 +112,9 @@ def client(*, timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> httpx.
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
     return httpx.AsyncClient(
         timeout=timeout,
-        transport=asyncio_transport(ssl_context=tls or httpx.create_ssl_context(), limits=limits),
+        transport=asyncio_transport(
+            ssl_context=tls or httpx.create_ssl_context(), limits=limits
+        ).transport,
     )
 
 
@@ -233,3 +236,20 @@ async def test_cancelling_a_read_closes_the_socket(server: Server) -> None:
             await asyncio.sleep(0.01)
         else:
             raise AssertionError("the cancelled request's socket stayed open")
+
+
+async def test_a_full_pool_spills_over_and_the_overall_cap_holds(server: Server) -> None:
+    # two pools of one connection each; one user's requests all prefer the same pool
+    sharded = ShardedHttpClient(timeout=httpx.Timeout(5.0, pool=0.5), max_connections=2, shards=2)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with sharded.for_key("busy-user").stream("GET", f"{base}/stall"):
+            # the user's pool is taken by the stalled stream: the next request goes elsewhere
+            response = await sharded.for_key("busy-user").get(f"{base}/sse")
+            assert response.content == expected_sse()
+            async with sharded.for_key("busy-user").stream("GET", f"{base}/stall"):
+                # both pools busy: a third request queues, and times out as the pool says
+                with pytest.raises(httpx.PoolTimeout):
+                    await sharded.for_key("busy-user").get(f"{base}/sse")
+    finally:
+        await sharded.aclose()

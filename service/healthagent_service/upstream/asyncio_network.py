@@ -15,6 +15,7 @@ import select
 import ssl
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -279,20 +280,27 @@ def _apply_socket_options(transport: asyncio.BaseTransport, options: Iterable[An
         sock.setsockopt(*option)
 
 
-def asyncio_transport(
-    *, ssl_context: ssl.SSLContext, limits: httpx.Limits
-) -> httpx.AsyncHTTPTransport:
+@dataclass(frozen=True, slots=True)
+class PooledTransport:
+    """An httpx transport and its connection pool (to see how full the pool is)."""
+
+    transport: httpx.AsyncHTTPTransport
+    pool: httpcore.AsyncConnectionPool
+
+
+def asyncio_transport(*, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> PooledTransport:
     """An httpx transport whose connections use `AsyncioBackend` (no proxy, HTTP/1.1)."""
     transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, trust_env=False)
     # httpx 0.28 has no argument for the network backend; its transport is a thin wrapper
     # around this pool (request conversion and exception mapping), so swap the pool for one
     # built with the same settings and ours. Pinned in constraints.txt; a test reads a
     # response through it.
-    transport._pool = httpcore.AsyncConnectionPool(
+    pool = httpcore.AsyncConnectionPool(
         ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
         network_backend=AsyncioBackend(),
     )
-    return transport
+    transport._pool = pool
+    return PooledTransport(transport, pool)

@@ -5,11 +5,14 @@ starts or ends, so its work per request grows with the pool: one pool holding th
 streaming connections showed as a quarter of the server's CPU under 300 concurrent streams, and
 splitting it into 16 raised throughput 2.7x. Pools of at most `CONNECTIONS_PER_SHARD`, picked by
 a stable key (the user), keep that work bounded at any `max_connections` and a user's requests
-on warm connections.
+on warm connections. A key whose pool is full spills over to the next pool with room, so one
+busy user (or an unlucky spread of users) never waits while other pools have connections to
+spare; only when every pool is full does a request queue, and `max_connections` holds overall.
 """
 
 from __future__ import annotations
 
+import httpcore
 import httpx
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
@@ -40,18 +43,28 @@ class ShardedHttpClient:
         tls = httpx.create_ssl_context()
         # idle connections still close after httpx's keep-alive expiry (5 s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        transports = [asyncio_transport(ssl_context=tls, limits=limits) for _ in range(count)]
+        self._pools: list[httpcore.AsyncConnectionPool] = [t.pool for t in transports]
+        self._per_shard = per_shard
         self._clients = [
-            httpx.AsyncClient(
-                timeout=timeout,
-                trust_env=False,
-                transport=asyncio_transport(ssl_context=tls, limits=limits),
-            )
-            for _ in range(count)
+            httpx.AsyncClient(timeout=timeout, trust_env=False, transport=t.transport)
+            for t in transports
         ]
 
     def for_key(self, key: str) -> httpx.AsyncClient:
-        """The client for `key` (the same one for the same key, in this process)."""
-        return self._clients[hash(key) % len(self._clients)]
+        """The client for `key`: the same one for the same key while its pool has room (warm
+        connections), else the next one that has room."""
+        count = len(self._clients)
+        preferred = hash(key) % count
+        for step in range(count):
+            shard = (preferred + step) % count
+            if self._has_room(self._pools[shard]):
+                return self._clients[shard]
+        return self._clients[preferred]  # all full: queue for this one (the pool timeout holds)
+
+    def _has_room(self, pool: httpcore.AsyncConnectionPool) -> bool:
+        connections = pool.connections
+        return len(connections) < self._per_shard or any(c.is_idle() for c in connections)
 
     @property
     def first(self) -> httpx.AsyncClient:
