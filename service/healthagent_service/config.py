@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", alias="HEALTHAGENT_LOG_LEVEL")
     malloc_arenas: int = Field(default=2, ge=0, le=64, alias="HEALTHAGENT_MALLOC_ARENAS")
     gc_gen0_threshold: int = Field(
-        default=20_000, ge=0, le=1_000_000, alias="HEALTHAGENT_GC_GEN0_THRESHOLD"
+        default=0, ge=0, le=1_000_000, alias="HEALTHAGENT_GC_GEN0_THRESHOLD"
     )
 
     session_pool_size: int = Field(default=10_000, ge=1, alias="HEALTHAGENT_SESSION_POOL_SIZE")
