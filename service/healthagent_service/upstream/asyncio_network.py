@@ -23,6 +23,7 @@ import httpx
 
 _HIGH_WATER = 256 * 1024  # buffered bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
+_HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
 
 
 class _ReadTimeoutError(Exception):
@@ -236,9 +237,18 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         protocol = _StreamProtocol(loop)
         local = (local_address, 0) if local_address else None
         try:
-            # asyncio sets TCP_NODELAY on TCP connections itself
+            # asyncio sets TCP_NODELAY on TCP connections itself. Happy eyeballs (RFC 8305), as
+            # anyio does: a host with a dead IPv6 route must not spend the whole connect
+            # timeout on its first address.
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: protocol, host, port, local_addr=local), timeout
+                loop.create_connection(
+                    lambda: protocol,
+                    host,
+                    port,
+                    local_addr=local,
+                    happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+                ),
+                timeout,
             )
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
