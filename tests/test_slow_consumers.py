@@ -31,20 +31,28 @@ async def test_flow_control_reaches_the_upstream(
 ) -> None:
     emulator = no_delay_emulator
     service = await start_service(**emulator_env(emulator))
-    call = service.stub.Chat(pb.ChatRequest(message="[chunks=100000]", user="slow"))
+    # Without BDP probing the caller's gRPC transport keeps a fixed window; with it, the
+    # caller's own gRPC library grows its window every second or so and buffers thousands more
+    # messages on the caller's side, which would blur what this test looks at: the service.
+    channel = grpc.aio.insecure_channel(service.target, options=[("grpc.http2.bdp_probe", 0)])
+    call = pb_grpc.HealthAgentStub(channel).Chat(
+        pb.ChatRequest(message="[chunks=100000]", user="slow")
+    )
     events = call.__aiter__()
     await events.__anext__()
     # The caller reads nothing more: after the buffers on the way fill up, the emulator can
     # send no more, because the service stops reading when it cannot write.
+    await asyncio.sleep(0.4)
     samples = []
-    for _ in range(4):
+    for _ in range(5):
         await asyncio.sleep(0.4)
         samples.append(emulator.stats.chunks_sent)
-    # Held back: far from all 100,000 chunks went out, and the count stood still for a while.
+    # Held back: far from all 100,000 chunks went out, and the count stood still throughout.
     assert max(samples) < 75_000, samples
-    assert any(a == b for a, b in itertools.pairwise(samples)), samples
+    assert all(a == b for a, b in itertools.pairwise(samples)), samples
     call.cancel()
     await wait_for(lambda: emulator.stats.streams_open == 0)
+    await channel.close()
 
 
 async def test_a_stalled_caller_is_cut_off_with_a_clear_status(

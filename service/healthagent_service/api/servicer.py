@@ -7,7 +7,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -28,6 +28,7 @@ from healthagent_service.security.auth import Authenticator, Principal
 from healthagent_service.security.limits import Limiter
 from healthagent_service.upstream.chatkit import ChatKitUpstream
 from healthagent_service.upstream.events import (
+    ChatEvent,
     ChatUpstream,
     MintedSession,
     ResponseDone,
@@ -101,6 +102,30 @@ def _client_too_slow(limit: float) -> HealthAgentError:
         "not pile up in the service",
         retry_after_seconds=1.0,
     )
+
+
+@contextlib.asynccontextmanager
+async def _closed_at_exit(
+    stream: AsyncGenerator[ChatEvent, None],
+) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
+    """`contextlib.aclosing`, but the close runs to its end even when the handler is cancelled
+    meanwhile. gRPC cancels the handler when the caller leaves, which can land while the
+    upstream response is being closed (a caller that leaves during a write fails the write
+    first, then cancels); an interrupted close left the upstream connection open and its pool
+    slot taken for good."""
+    try:
+        yield stream
+    finally:
+        closing = asyncio.ensure_future(stream.aclose())
+        cancelled = False
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                cancelled = True  # finish closing first; closing does no network waits
+        closing.result()
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
@@ -284,13 +309,13 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 principal=principal.name,
             )
             async with self._limiter.stream(turn.user):
-                # aclosing: however this handler ends, the upstream turn is closed at once.
+                # however this handler ends, the upstream turn is closed at once, and fully
                 stream = self._recorder.record(turn, self._chat.chat(turn))
                 write = context.write
                 stall_limit = self._client_stall_seconds
                 loop = asyncio.get_running_loop()
                 async with (
-                    contextlib.aclosing(stream) as upstream_events,
+                    _closed_at_exit(stream) as upstream_events,
                     asyncio.timeout(None) as stall,
                 ):
                     next_event = upstream_events.__anext__
@@ -326,8 +351,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             ended = True
             await self._fail(context, error, started)
         except Exception as exc:
-            ended = True
-            await self._fail(context, _internal(exc), started)
+            if not context.cancelled():
+                ended = True
+                await self._fail(context, _internal(exc), started)
+            # else a write failed because the caller left: there is no one to tell
         finally:
             self._metrics.active_streams.dec()
             self._record_stream(
