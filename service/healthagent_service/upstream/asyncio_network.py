@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import select
 import ssl
+import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import httpx
 
 _HIGH_WATER = 256 * 1024  # buffered bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
+_RECEIVE_BUFFER_BYTES = 64 * 1024  # at most this much per read, as httpcore asks for
 _HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
 
 
@@ -30,8 +32,25 @@ class _ReadTimeoutError(Exception):
     """Set on a read's waiter by its timer."""
 
 
-class _StreamProtocol(asyncio.Protocol):
-    """Buffers what the peer sends and wakes the one reader waiting for it."""
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread (an event loop runs in one thread), shared by its
+    connections: asyncio calls `get_buffer` and `buffer_updated` back to back, so no two
+    reads ever overlap in it."""
+
+    def __init__(self) -> None:
+        self.memory = memoryview(bytearray(_RECEIVE_BUFFER_BYTES))
+
+
+_receive_buffer = _ReceiveBuffer()
+
+
+class _StreamProtocol(asyncio.BufferedProtocol):
+    """Buffers what the peer sends and wakes the one reader waiting for it.
+
+    A buffered protocol: asyncio's plain `Protocol` receives into a fresh 256 KiB bytes object
+    per read and shrinks it to what arrived, which under streaming load fragmented the malloc
+    heap (docs/reliability.md); here each read lands in one shared buffer and is copied out at
+    its real size."""
 
     __slots__ = (
         "_buffer",
@@ -61,6 +80,12 @@ class _StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _receive_buffer.memory
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_receive_buffer.memory[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self._buffer.append(data)
