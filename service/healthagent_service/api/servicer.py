@@ -122,7 +122,7 @@ async def _closed_at_exit(
             try:
                 await asyncio.shield(closing)
             except asyncio.CancelledError:
-                cancelled = True  # finish closing first; closing does no network waits
+                cancelled = True  # finish first: it is short (socket aborted, turn written down)
         closing.result()
         if cancelled:
             raise asyncio.CancelledError
