@@ -15,7 +15,7 @@ import select
 import ssl
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,27 +261,17 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         loop = asyncio.get_running_loop()
         protocol = _StreamProtocol(loop)
         local = (local_address, 0) if local_address else None
-        try:
-            # asyncio sets TCP_NODELAY on TCP connections itself. Happy eyeballs (RFC 8305), as
-            # anyio does: a host with a dead IPv6 route must not spend the whole connect
-            # timeout on its first address.
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: protocol,
-                    host,
-                    port,
-                    local_addr=local,
-                    happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
-        _apply_socket_options(transport, socket_options)
-        assert isinstance(transport, asyncio.Transport)
-        return AsyncioStream(protocol, transport)
+        # asyncio sets TCP_NODELAY on TCP connections itself. Happy eyeballs (RFC 8305), as
+        # anyio does: a host with a dead IPv6 route must not spend the whole connect timeout
+        # on its first address.
+        connecting = loop.create_connection(
+            lambda: protocol,
+            host,
+            port,
+            local_addr=local,
+            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+        )
+        return await _connected(protocol, connecting, timeout, socket_options)
 
     async def connect_unix_socket(
         self,
@@ -291,20 +281,29 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
         protocol = _StreamProtocol(loop)
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: protocol, path), timeout
-            )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
-        _apply_socket_options(transport, socket_options)
-        assert isinstance(transport, asyncio.Transport)
-        return AsyncioStream(protocol, transport)
+        connecting = loop.create_unix_connection(lambda: protocol, path)
+        return await _connected(protocol, connecting, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def _connected(
+    protocol: _StreamProtocol,
+    connecting: Coroutine[Any, Any, tuple[asyncio.BaseTransport, Any]],
+    timeout: float | None,
+    socket_options: Iterable[Any] | None,
+) -> AsyncioStream:
+    """The stream once `connecting` is done, with httpcore's errors for what went wrong."""
+    try:
+        transport, _ = await asyncio.wait_for(connecting, timeout)
+    except TimeoutError:
+        raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
+    _apply_socket_options(transport, socket_options)
+    assert isinstance(transport, asyncio.Transport)
+    return AsyncioStream(protocol, transport)
 
 
 def _apply_socket_options(transport: asyncio.BaseTransport, options: Iterable[Any] | None) -> None:
