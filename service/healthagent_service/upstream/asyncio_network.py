@@ -44,6 +44,11 @@ class _ReceiveBuffer(threading.local):
 _receive_buffer = _ReceiveBuffer()
 
 
+def receive_buffer() -> memoryview:
+    """This thread's receive buffer, for buffered protocols (see `_ReceiveBuffer`)."""
+    return _receive_buffer.memory
+
+
 class _StreamProtocol(asyncio.BufferedProtocol):
     """Buffers what the peer sends and wakes the one reader waiting for it.
 

@@ -37,7 +37,8 @@ from healthagent_service.upstream.events import (
 )
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.session_pool import SessionPool
-from healthagent_service.upstream.sse import SSEDecoder, SSEProtocolError
+from healthagent_service.upstream.sse import SSEProtocolError
+from healthagent_service.upstream.sse_client import SSEResponse
 
 log = structlog.get_logger(__name__)
 
@@ -204,11 +205,11 @@ class ChatKitUpstream:
             headers["Accept"] = "text/event-stream"
             headers["Content-Type"] = "application/json"
             try:
-                async with self._http.for_key(turn.user).stream(
-                    "POST", self._conversation_url, content=body, headers=headers
+                async with self._http.streams.stream(
+                    self._conversation_url, body, headers
                 ) as response:
                     if response.status_code != 200:
-                        error_body = await _read_capped(response)
+                        error_body = await response.read_capped(_MAX_ERROR_BODY_BYTES)
                         if (
                             response.status_code == 401
                             and session is not None
@@ -239,6 +240,8 @@ class ChatKitUpstream:
                     return
             except httpx.HTTPError as exc:
                 raise self._transport_error(exc, phase="chat") from None
+            except SSEProtocolError as exc:
+                raise protocol_error(str(exc), self._retry) from None
 
     def _self_hosted_headers(self, user: str) -> dict[str, str]:
         headers = {FORWARDED_USER_HEADER: user}
@@ -392,27 +395,20 @@ def _mint_not_supported() -> HealthAgentError:
 
 
 async def _stream_turn(
-    response: httpx.Response, turn: ChatKitTurn, retry_after: float
+    response: SSEResponse, turn: ChatKitTurn, retry_after: float
 ) -> AsyncIterator[ChatEvent]:
-    """The hot path: SSE bytes in, typed events out."""
+    """The hot path: SSE events in (decoded as they arrived), typed events out."""
     first = turn.start()
     if first is not None:
         yield first
-    decoder = SSEDecoder()
     translate = turn.translate
-    try:
-        async for raw in response.aiter_bytes():
-            for data in decoder.feed(raw):
-                event = translate(data)
-                if event is not None:
-                    yield event
-        for data in decoder.finish():
+    receive = response.receive_events
+    while events := await receive():
+        for data in events:
             event = translate(data)
             if event is not None:
                 yield event
-    except SSEProtocolError as exc:
-        raise protocol_error(str(exc), retry_after) from None
-    if decoder.has_partial_event:
+    if response.ended_inside_event:
         raise truncated_stream("the body ended inside an event", retry_after)
     yield turn.finish()
 
@@ -442,15 +438,6 @@ def _turn_request(turn: ChatTurn) -> bytes:
             request = {"type": "threads.create", "params": {"input": user_input}}
     request["metadata"] = {}
     return json.dumps(request, separators=(",", ":")).encode()
-
-
-async def _read_capped(response: httpx.Response) -> bytes:
-    body = bytearray()
-    async for piece in response.aiter_bytes():
-        body += piece
-        if len(body) >= _MAX_ERROR_BODY_BYTES:
-            break
-    return bytes(body[:_MAX_ERROR_BODY_BYTES])
 
 
 def _parse_error_envelope(content: bytes) -> tuple[str, str | None, str | None]:

@@ -1,4 +1,4 @@
-"""Upstream HTTP clients, sharded.
+"""Upstream HTTP clients: `SSEClient` for streaming turns, sharded httpx clients for the rest.
 
 httpcore matches queued requests against the connections of its pool each time a request
 starts or ends, so its work per request grows with the pool: one pool holding thousands of
@@ -16,6 +16,7 @@ import httpcore
 import httpx
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
+from healthagent_service.upstream.sse_client import SSEClient
 
 CONNECTIONS_PER_SHARD = 64
 MIN_SHARDS = 16
@@ -28,7 +29,7 @@ def shards_for(max_connections: int) -> int:
 
 class ShardedHttpClient:
     """httpx clients with the same settings, `max_connections` split among them; `for_key`
-    picks one."""
+    picks one. `streams` is the client for streaming turns, with its own `max_connections`."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class ShardedHttpClient:
             httpx.AsyncClient(timeout=timeout, trust_env=False, transport=t.transport)
             for t in transports
         ]
+        self.streams = SSEClient(timeout=timeout, max_connections=max_connections, ssl_context=tls)
 
     def for_key(self, key: str) -> httpx.AsyncClient:
         """The client for `key`: the same one for the same key while its pool has room (warm
@@ -72,5 +74,6 @@ class ShardedHttpClient:
         return self._clients[0]
 
     async def aclose(self) -> None:
+        await self.streams.aclose()
         for client in self._clients:
             await client.aclose()
