@@ -36,6 +36,7 @@ from healthagent_service.upstream.events import (
     Usage,
 )
 from healthagent_service.upstream.realtime import RealtimeUpstream
+from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 
 log = structlog.get_logger(__name__)
 Response = TypeVar("Response")
@@ -128,6 +129,16 @@ async def _closed_at_exit(
             raise asyncio.CancelledError
 
 
+def _cancel_stalled(handler: asyncio.Task[Any] | None) -> Callable[[], None]:
+    """What the watchdog does to a Chat whose caller took no message in time."""
+
+    def cancel() -> None:
+        if handler is not None:
+            handler.cancel()
+
+    return cancel
+
+
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     """Authenticates, validates, limits, delegates to the upstream and the store, converts;
     maps every failure to a status."""
@@ -162,6 +173,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         self._upstream_name = upstream_name
         self._active_chats: set[asyncio.Task[Any]] = set()
         self._shutting_down = False
+        # one timer for every stream's write limit, not one per write
+        self._watchdog = Watchdog(resolution=min(1.0, client_stall_seconds / 4))
 
     @property
     def active_chats(self) -> int:
@@ -296,6 +309,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             self._active_chats.add(handler)
         events = 0
         ended = False  # stays False when the caller leaves (cancel, deadline, disconnect)
+        stall = Deadline(_cancel_stalled(handler))
         try:
             principal = await self._auth.authenticate(context.invocation_metadata())
             turn = validation.chat_request(request, self._max_message_bytes)
@@ -313,11 +327,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 stream = self._recorder.record(turn, self._chat.chat(turn))
                 write = context.write
                 stall_limit = self._client_stall_seconds
-                loop = asyncio.get_running_loop()
-                async with (
-                    _closed_at_exit(stream) as upstream_events,
-                    asyncio.timeout(None) as stall,
-                ):
+                loop_time = asyncio.get_running_loop().time
+                self._watchdog.watch(stall)
+                async with _closed_at_exit(stream) as upstream_events:
                     next_event = upstream_events.__anext__
                     while True:
                         waiting_since = clock()
@@ -334,15 +346,16 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                         # gRPC flow control makes a write wait while the caller reads slowly
                         # (so upstream reading waits too, and nothing piles up); a caller that
                         # takes no message for `stall_limit` seconds is cut off.
-                        stall.reschedule(loop.time() + stall_limit)
+                        stall.at = loop_time() + stall_limit
                         await write(to_chat_response(event))
-                        stall.reschedule(None)
+                        stall.at = NOT_ARMED
                         events += 1
             ended = completed = True
-        except TimeoutError:
-            ended = True
-            await self._fail(context, _client_too_slow(self._client_stall_seconds), started)
         except asyncio.CancelledError:
+            if stall.expired and handler is not None:
+                handler.uncancel()  # cancelled by the watchdog, not by gRPC: the caller is there
+                ended = True
+                await self._fail(context, _client_too_slow(self._client_stall_seconds), started)
             if not self._shutting_down:
                 raise  # the caller left; there is no one to tell
             ended = True
@@ -356,6 +369,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 await self._fail(context, _internal(exc), started)
             # else a write failed because the caller left: there is no one to tell
         finally:
+            self._watchdog.forget(stall)
             self._metrics.active_streams.dec()
             self._record_stream(
                 events,

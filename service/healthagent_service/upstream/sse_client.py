@@ -31,6 +31,7 @@ from healthagent_service.upstream.sse import (
     SSEDecoder,
     SSEProtocolError,
 )
+from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 
 _HIGH_WATER = 256 * 1024  # queued event bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
@@ -46,10 +47,6 @@ class _Origin:
     host: str
     port: int
     tls: bool
-
-
-class _ReadTimeoutError(Exception):
-    """Set on a read's waiter by its timer."""
 
 
 class SSEResponse:
@@ -96,6 +93,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         self.closed = False
         self._read_timeout = client.read_timeout
+        self._watchdog = client.watchdog
+        self._deadline = Deadline(self._timed_out)  # watched while a request is in flight
         self._max_event_bytes = client.max_event_bytes
         self._begin_response()
 
@@ -113,6 +112,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._paused = False
         self._complete = False  # the whole response has arrived
         self._delimited = False  # the body has a length or chunks, not "until the close"
+        self._keep_alive = False  # the peer lets this connection carry another request
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._in_flight = False
@@ -197,6 +197,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._notify = True
 
     def on_message_complete(self) -> None:
+        # asked now: once this callback returns, llhttp resets for the next message
+        self._keep_alive = self._parser.should_keep_alive()
         self._end_of_message()
 
     def _end_of_message(self) -> None:
@@ -212,17 +214,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     @property
     def reusable(self) -> bool:
-        return (
-            not self.closed
-            and self._complete
-            and self._error is None
-            and self._parser.should_keep_alive()
-        )
+        return not self.closed and self._complete and self._error is None and self._keep_alive
 
     def send(self, request: bytes) -> None:
         assert self.transport is not None
         self._begin_response()
         self._in_flight = True
+        self._watchdog.watch(self._deadline)
         self.transport.write(request)
 
     async def wait_for_headers(self) -> None:
@@ -261,14 +259,19 @@ class _Connection(asyncio.BufferedProtocol):
             raise httpx.ReadError("connection lost")
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_later(self._read_timeout, _time_out, waiter)
+        self._deadline.at = self._loop.time() + self._read_timeout
         try:
             await waiter
-        except _ReadTimeoutError:
-            raise httpx.ReadTimeout(f"no data for {self._read_timeout:g} s") from None
         finally:
             self._waiter = None
-            timer.cancel()
+            self._deadline.at = NOT_ARMED
+        if self._error is not None:
+            raise self._error
+
+    def _timed_out(self) -> None:
+        if self._error is None:
+            self._error = httpx.ReadTimeout(f"no data for {self._read_timeout:g} s")
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -289,16 +292,12 @@ class _Connection(asyncio.BufferedProtocol):
     def finish(self) -> bool:
         """The request is over: True if the connection can take another one."""
         self._in_flight = False
+        self._watchdog.forget(self._deadline)
         if self.reusable:
             self._waiter = None
             return True
         self.abort()
         return False
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(_ReadTimeoutError())
 
 
 class SSEClient:
@@ -326,6 +325,8 @@ class SSEClient:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # read timeouts are coarse (a quarter second late at most) and cheap per read
+        self.watchdog = Watchdog(resolution=min(0.25, self.read_timeout / 4))
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
