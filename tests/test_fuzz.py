@@ -4,6 +4,7 @@ INTERNAL, and the server stays SERVING."""
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from bench.processes import ServeProcess, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api.converter import timestamp
+from healthagent_service.upstream.chatkit_events import parse_event_json
 
 UNDELIBERATE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # Text with control characters, surrogate-free unicode, emptiness and size.
@@ -156,3 +158,31 @@ def test_timestamps_match_protobufs_own_conversion(moment: datetime.datetime) ->
     expected = timestamp_pb2.Timestamp()
     expected.FromDatetime(moment.astimezone(datetime.UTC))
     assert timestamp(moment) == expected
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=60),
+        st.builds(
+            lambda value, before, after: (before + json.dumps(value) + after).encode(),
+            json_values,
+            st.sampled_from(["", " ", "\n\t", "x"]),
+            st.sampled_from(["", " ", "\r\n", "x", "{", "1"]),
+        ),
+    )
+)
+def test_upstream_json_parses_as_json_loads_does(data: bytes) -> None:
+    try:  # SSE is UTF-8 only, so json.loads's guess at UTF-16 or 32 has no place here
+        expected: Any = json.loads(data.decode())
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_event_json(data)
+        return
+    assert parse_event_json(data) == expected

@@ -14,7 +14,10 @@ async def test_deadlines_fire_once_in_their_window_and_only_when_armed() -> None
     fired: dict[str, float] = {}
 
     def deadline(name: str) -> Deadline:
-        made = Deadline(lambda: fired.setdefault(name, loop.time()))
+        def on_expiry() -> None:
+            fired.setdefault(name, loop.time())
+
+        made = Deadline(on_expiry)
         watchdog.watch(made)
         return made
 

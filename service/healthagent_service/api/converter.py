@@ -93,7 +93,12 @@ _CONVERTERS: dict[type[Any], Callable[[Any], pb.ChatResponse]] = {
 def to_chat_response(event: ev.ChatEvent) -> pb.ChatResponse:
     """The protobuf message for `event`. Text deltas, by far the most frequent, go first."""
     if type(event) is ev.TextDelta:
-        return ChatResponse(chunk=Chunk(text=event.text, item_id=event.item_id))
+        # set in place: building a Chunk and passing it in copies it (4x the cost)
+        response = ChatResponse()
+        chunk = response.chunk
+        chunk.text = event.text
+        chunk.item_id = event.item_id
+        return response
     return _CONVERTERS[type(event)](event)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +38,6 @@ from healthagent_service.upstream.events import (
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.session_pool import SessionPool
 from healthagent_service.upstream.sse import SSEProtocolError
-from healthagent_service.upstream.sse_client import SSEResponse
 
 log = structlog.get_logger(__name__)
 
@@ -234,9 +233,22 @@ class ChatKitUpstream:
                         turn.user,
                         self.workflow_id,
                     )
-                    turn_translator = ChatKitTurn(started, self._config.retry_after_seconds)
-                    async for event in _stream_turn(response, turn_translator, self._retry):
-                        yield event
+                    # the hot path, inline (a generator layer costs per chunk): SSE events in,
+                    # decoded as they arrived, typed events out
+                    translator = ChatKitTurn(started, self._config.retry_after_seconds)
+                    first = translator.start()
+                    if first is not None:
+                        yield first
+                    translate = translator.translate
+                    receive = response.receive_events
+                    while events := await receive():
+                        for data in events:
+                            event = translate(data)
+                            if event is not None:
+                                yield event
+                    if response.ended_inside_event:
+                        raise truncated_stream("the body ended inside an event", self._retry)
+                    yield translator.finish()
                     return
             except httpx.HTTPError as exc:
                 raise self._transport_error(exc, phase="chat") from None
@@ -392,25 +404,6 @@ def _mint_not_supported() -> HealthAgentError:
         "this service talks to a self-hosted ChatKit server (HEALTHAGENT_CHATKIT_URL), "
         "which has no sessions to mint; use Chat",
     )
-
-
-async def _stream_turn(
-    response: SSEResponse, turn: ChatKitTurn, retry_after: float
-) -> AsyncIterator[ChatEvent]:
-    """The hot path: SSE events in (decoded as they arrived), typed events out."""
-    first = turn.start()
-    if first is not None:
-        yield first
-    translate = turn.translate
-    receive = response.receive_events
-    while events := await receive():
-        for data in events:
-            event = translate(data)
-            if event is not None:
-                yield event
-    if response.ended_inside_event:
-        raise truncated_stream("the body ended inside an event", retry_after)
-    yield turn.finish()
 
 
 def _turn_request(turn: ChatTurn) -> bytes:
