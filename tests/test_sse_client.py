@@ -100,6 +100,13 @@ class Server:
             while await reader.read(4096):
                 pass
             return False
+        elif path == "/keepalive":  # comments only, for longer than the read timeout
+            writer.write(ok + b"transfer-encoding: chunked\r\n\r\n")
+            for _ in range(8):
+                writer.write(chunked(b": ping\n", 64)[:-5])
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(chunked(b"data: 1\n\n", 64))
         elif path == "/big":
             body = b"".join(b"data: " + BIG_EVENT + b"\n\n" for _ in range(BIG_COUNT))
             writer.write(ok + b"transfer-encoding: chunked\r\n\r\n" + chunked(body, 65536))
@@ -229,6 +236,11 @@ async def test_read_timeout_closes_the_connection(server: Server) -> None:
             with pytest.raises(httpx.ReadTimeout):
                 await response.receive_events()
         assert client.open_connections == 0
+
+
+async def test_bytes_that_complete_no_event_still_keep_the_read_alive(server: Server) -> None:
+    async with sse_client(read=0.3) as client:
+        assert await read_events(client, f"http://127.0.0.1:{server.port}/keepalive") == [b"1"]
 
 
 async def test_a_slow_reader_applies_backpressure_and_loses_nothing(server: Server) -> None:

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpcore
 import httpx
@@ -83,8 +83,8 @@ class _StreamProtocol(asyncio.BufferedProtocol):
     # -- callbacks from the transport -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # not an asyncio.Transport subclass under every event loop (uvloop's is not)
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _receive_buffer.memory
@@ -236,7 +236,6 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
         if transport is None:  # pragma: no cover - only for transports that cannot do TLS
             raise httpcore.ConnectError("the transport does not support TLS")
-        assert isinstance(transport, asyncio.Transport)
         self._protocol.transport = transport
         return AsyncioStream(self._protocol, transport)
 
@@ -307,8 +306,8 @@ async def _connected(
     except OSError as exc:
         raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
     _apply_socket_options(transport, socket_options)
-    assert isinstance(transport, asyncio.Transport)
-    return AsyncioStream(protocol, transport)
+    # not an asyncio.Transport subclass under every event loop (uvloop's is not)
+    return AsyncioStream(protocol, cast(asyncio.Transport, transport))
 
 
 def _apply_socket_options(transport: asyncio.BaseTransport, options: Iterable[Any] | None) -> None:

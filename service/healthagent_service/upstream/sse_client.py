@@ -20,6 +20,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -119,8 +120,8 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # not an asyncio.Transport subclass under every event loop (uvloop's is not)
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return receive_buffer()
@@ -143,6 +144,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._notify:  # not for a read that only completed part of an event
             self._notify = False
             self._wake()
+        elif self._waiter is not None:
+            # bytes that complete nothing (a comment kept alive, a long event) still count
+            # as the upstream being there: the read timeout is for silence
+            self._deadline.at = self._loop.time() + self._read_timeout
 
     def eof_received(self) -> bool:
         if self._in_flight and not self._complete:
