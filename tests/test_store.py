@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
+from healthagent_service.history.sqlite_store import SQLiteStore
 from healthagent_service.history.store import ConversationStore
 from tests.stores import open_store
 
@@ -181,3 +183,32 @@ async def test_revocations_missed_while_the_listener_was_down_are_applied(
                 break
             await asyncio.sleep(0.05)
         assert "nina" in heard  # the watchdog reconnected and caught up from the table
+
+
+async def test_sqlite_group_commit_undoes_a_failing_write_alone(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+
+        def failing(db: sqlite3.Connection) -> None:
+            # half a turn, then a failure: none of it may stay
+            db.execute(
+                "INSERT INTO conversations (id, user_id, upstream, upstream_id, created_at,"
+                " updated_at) VALUES ('thr_bad', 'alice', 'chatkit', 'x', 'now', 'now')"
+            )
+            raise sqlite3.IntegrityError("refused")
+
+        turns = [store.begin_turn(user_turn(f"thr_{i}", f"m{i}")) for i in range(20)]
+        results = await asyncio.gather(
+            *turns[:10], store._write(failing), *turns[10:], return_exceptions=True
+        )
+        assert isinstance(results[10], sqlite3.IntegrityError)
+        assert all(isinstance(r, str) for r in results[:10] + results[11:])
+        assert await store.get_conversation("alice", "thr_bad") is None
+        page = await store.list_conversations("alice", 100, "")
+        assert len(page.conversations) == 20
+        for i in range(20):
+            conversation = await store.get_conversation("alice", f"thr_{i}")
+            assert conversation is not None
+            assert [m.text for m in conversation.messages] == [f"m{i}", ""]
+        # the writes queued together went in fewer transactions than writes
+        assert store.commits < 21

@@ -16,7 +16,7 @@ import structlog
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api import validation
-from healthagent_service.api.converter import timestamp, to_chat_response, to_conversation
+from healthagent_service.api.converter import set_timestamp, to_chat_response, to_conversation
 from healthagent_service.api.status import status_code, to_status
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
@@ -264,15 +264,18 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 ttl_seconds=ttl,
                 principal=principal.name,
             )
-            return pb.MintSessionResponse(
+            response = pb.MintSessionResponse(
                 client_secret=session.client_secret,
-                session=pb.Session(
-                    id=session.id, expires_at=timestamp(session.expires_at), ttl_seconds=ttl
-                ),
                 workflow_id=session.workflow_id,
                 user=mint.user,
                 kind=mint.kind,  # type: ignore[arg-type]
             )
+            # filled in place: nested messages passed to a constructor are copied
+            answer_session = response.session
+            answer_session.id = session.id
+            answer_session.ttl_seconds = ttl
+            set_timestamp(answer_session.expires_at, session.expires_at)
+            return response
 
         return await self._unary(context, "MintSession", work)
 
