@@ -74,6 +74,9 @@ class Server:
                 writer.write(bytes([byte]))
                 await writer.drain()
                 await asyncio.sleep(0)
+        elif path == "/early-hints":  # an informational response first
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+            writer.write(ok + b"content-length: %d\r\n\r\n" % len(SSE_BODY) + SSE_BODY)
         elif path == "/length":
             writer.write(ok + b"content-length: %d\r\n\r\n" % len(SSE_BODY) + SSE_BODY)
         elif path == "/until-close":
@@ -176,7 +179,7 @@ async def read_events(client: SSEClient, url: str) -> list[bytes]:
         return events
 
 
-@pytest.mark.parametrize("path", ["/chunked", "/bytewise", "/length"])
+@pytest.mark.parametrize("path", ["/chunked", "/bytewise", "/length", "/early-hints"])
 async def test_events_arrive_whole_and_the_connection_is_reused(server: Server, path: str) -> None:
     async with sse_client() as client:
         for _ in range(3):

@@ -173,8 +173,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._headers_done = True
         self.status = self._parser.get_status_code()
+        if self.status < 200:
+            return  # informational (103 Early Hints): the response proper follows
+        self._headers_done = True
         for name, value in self.headers:
             lowered = name.lower()
             if lowered == b"content-length" or (
@@ -201,6 +203,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._notify = True
 
     def on_message_complete(self) -> None:
+        if self.status < 200:
+            self.headers = []
+            return
         # asked now: once this callback returns, llhttp resets for the next message
         self._keep_alive = self._parser.should_keep_alive()
         self._end_of_message()
