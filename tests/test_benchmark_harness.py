@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.performance import TARGETS
+import grpc
+
+from bench.performance import TARGETS, start_targets
+from healthagent.v1 import health_agent_pb2 as pb
+from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 
 
 def test_harness_reports_every_figure(tmp_path: Path) -> None:
@@ -97,3 +101,26 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     )
     assert replotted.returncode == 0, replotted.stderr[-4000:]
     assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+async def test_the_ceiling_streams_the_same_messages_as_healthagent() -> None:
+    """The bare server must send what HealthAgent sends for the same turn (the same number and
+    size of messages), or the CPU ratio compares unlike work."""
+    targets = start_targets()
+    try:
+        seen: dict[str, list[tuple[str, int]]] = {}
+        for name, address in (
+            ("bare", targets.bare_address),
+            ("healthagent", targets.healthagent.address),
+        ):
+            async with grpc.aio.insecure_channel(address) as channel:
+                call = pb_grpc.HealthAgentStub(channel).Chat(
+                    pb.ChatRequest(message="[chunks=3] [pace=10] [stamp]", user="same-1"),
+                    timeout=30,
+                )
+                seen[name] = [(str(e.WhichOneof("event")), e.ByteSize()) async for e in call]
+    finally:
+        targets.stop()
+    # session, two passthroughs, progress, the chunks, text done, response done
+    assert len(seen["healthagent"]) == 3 + 6
+    assert seen["bare"] == seen["healthagent"]
