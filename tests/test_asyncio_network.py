@@ -17,6 +17,7 @@ import pytest
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
 from healthagent_service.upstream.http_clients import ShardedHttpClient
+from tests.loopback_server import listening
 from tests.test_tls import Pki
 
 # 16 MiB: more than loopback's socket buffers and the reader's 256 KiB limit together
@@ -99,13 +100,9 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     state = Server()
-    listener = await asyncio.start_server(state.handle, "127.0.0.1", 0)
-    state.port = listener.sockets[0].getsockname()[1]
-    async with listener:
+    async with listening(state) as port:
+        state.port = port
         yield state
-        for writer in state.writers:
-            writer.transport.abort()
-        await asyncio.sleep(0.05)  # let the handlers see their connections end
 
 
 def client(*, timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:

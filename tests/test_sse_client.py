@@ -18,6 +18,7 @@ import pytest
 
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import SSEClient, SSEResponse
+from tests.loopback_server import listening
 from tests.test_tls import Pki
 
 EVENTS = [json.dumps({"n": index, "text": "é" * (index % 3)}).encode() for index in range(40)]
@@ -132,13 +133,9 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     state = Server()
-    listener = await asyncio.start_server(state.handle, "127.0.0.1", 0)
-    state.port = listener.sockets[0].getsockname()[1]
-    async with listener:
+    async with listening(state) as port:
+        state.port = port
         yield state
-        for writer in state.writers:
-            writer.transport.abort()
-        await asyncio.sleep(0.05)  # let the handlers see their connections end
 
 
 @contextlib.asynccontextmanager
