@@ -77,6 +77,10 @@ async def test_unary_calls_and_errors_echo_the_request_id_in_trailers(service: S
     await unnamed
     generated = dict(await unnamed.trailing_metadata())["x-request-id"]
     assert len(generated) == 32 and generated != "bad id!"
+    again = service.stub.MintSession(pb.MintSessionRequest(user="u-rid"))
+    await again
+    another = dict(await again.trailing_metadata())["x-request-id"]
+    assert len(another) == 32 and another != generated  # every call gets its own
     # a failure keeps its google.rpc details and the id, for unary calls and for Chat
     with pytest.raises(grpc.aio.AioRpcError) as mint_failure:
         await service.stub.MintSession(
