@@ -20,13 +20,13 @@ class RawServer(Protocol):
 
 
 @contextlib.asynccontextmanager
-async def listening(state: RawServer) -> AsyncIterator[int]:
-    """Serve `state` on a free loopback port (yielded) until the block ends, then cut every
-    connection it still has and let its handlers see them end."""
+async def listening(state: RawServer) -> AsyncIterator[None]:
+    """Serve `state` on a free loopback port (set as `state.port`) until the block ends, then
+    cut every connection it still has and let its handlers see them end."""
     listener = await asyncio.start_server(state.handle, "127.0.0.1", 0)
-    port: int = listener.sockets[0].getsockname()[1]
+    state.port = listener.sockets[0].getsockname()[1]
     async with listener:
-        yield port
+        yield
         for writer in state.writers:
             writer.transport.abort()
         await asyncio.sleep(0.05)

@@ -133,8 +133,7 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     state = Server()
-    async with listening(state) as port:
-        state.port = port
+    async with listening(state):
         yield state
 
 

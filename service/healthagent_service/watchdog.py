@@ -23,7 +23,7 @@ class Deadline:
 
     __slots__ = ("at", "expired", "on_expiry")
 
-    def __init__(self, on_expiry: Callable[[], None]) -> None:
+    def __init__(self, on_expiry: Callable[[], object]) -> None:
         self.at = NOT_ARMED
         self.expired = False
         self.on_expiry = on_expiry

@@ -136,16 +136,6 @@ async def _closed_at_exit(
             raise asyncio.CancelledError
 
 
-def _cancel_stalled(handler: asyncio.Task[Any] | None) -> Callable[[], None]:
-    """What the watchdog does to a Chat whose caller took no message in time."""
-
-    def cancel() -> None:
-        if handler is not None:
-            handler.cancel()
-
-    return cancel
-
-
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     """Authenticates, validates, limits, delegates to the upstream and the store, converts;
     maps every failure to a status."""
@@ -319,7 +309,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             self._active_chats.add(handler)
         events = 0
         ended = False  # stays False when the caller leaves (cancel, deadline, disconnect)
-        stall = Deadline(_cancel_stalled(handler))
+        # a caller that takes no message in time: the watchdog cancels this handler
+        stall = Deadline(handler.cancel if handler is not None else lambda: None)
         try:
             principal = await self._auth.authenticate(context.invocation_metadata())
             turn = validation.chat_request(request, self._max_message_bytes)

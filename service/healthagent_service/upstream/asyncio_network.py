@@ -25,7 +25,7 @@ import httpx
 _HIGH_WATER = 256 * 1024  # buffered bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
 _RECEIVE_BUFFER_BYTES = 64 * 1024  # at most this much per read, as httpcore asks for
-_HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
 
 
 class _ReadTimeoutError(Exception):
@@ -273,7 +273,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             host,
             port,
             local_addr=local,
-            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+            happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
         )
         return await _connected(protocol, connecting, timeout, socket_options)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from healthagent_service.upstream.asyncio_network import receive_buffer
+from healthagent_service.upstream.asyncio_network import HAPPY_EYEBALLS_DELAY, receive_buffer
 from healthagent_service.upstream.sse import (
     DEFAULT_MAX_EVENT_BYTES,
     SSEDecoder,
@@ -37,7 +38,6 @@ from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 _HIGH_WATER = 256 * 1024  # queued event bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
 _MAX_BODY_BYTES = 64 * 1024  # of a response that is not an event stream (an error's body)
-_HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
 # Below the 5 s keep-alive timeout of common servers (uvicorn, nginx's default is 75 s), so
 # this side closes an idle connection before the peer can close it under a new request.
 KEEPALIVE_EXPIRY_SECONDS = 4.0
@@ -323,7 +323,8 @@ class SSEClient:
         keepalive_expiry: float = KEEPALIVE_EXPIRY_SECONDS,
     ) -> None:
         self.connect_timeout = timeout.connect
-        self.read_timeout = timeout.read or 300.0
+        # httpx's None (no read timeout) arms no deadline: now + inf never passes
+        self.read_timeout = timeout.read if timeout.read is not None else math.inf
         self.pool_timeout = timeout.pool
         self.max_event_bytes = max_event_bytes or DEFAULT_MAX_EVENT_BYTES
         self._max_connections = max_connections
@@ -347,10 +348,6 @@ class SSEClient:
     def open_connections(self) -> int:
         """Connections open now, in use or idle."""
         return self._open
-
-    @property
-    def idle_connections(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -463,7 +460,7 @@ class SSEClient:
             origin.port,
             ssl=context,
             server_hostname=origin.host if context else None,
-            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+            happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
         )
         try:
             await asyncio.wait_for(connecting, self.connect_timeout)
