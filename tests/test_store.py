@@ -35,9 +35,9 @@ def user_turn(conversation: str, text: str, user: str = "alice") -> NewTurn:
 
 
 async def test_migrations_are_versioned_and_idempotent(store: ConversationStore) -> None:
-    assert await store.schema_version() == 1
+    assert await store.schema_version() == 2
     await store.open()  # again: nothing to apply, nothing breaks
-    assert await store.schema_version() == 1
+    assert await store.schema_version() == 2
 
 
 async def test_a_turn_is_recorded_in_order(store: ConversationStore) -> None:

@@ -17,11 +17,19 @@ from pydantic import ValidationError
 
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
 from healthagent_service.config import DEFAULT_LISTEN, Settings
+from healthagent_service.listen import parse_listen
 from healthagent_service.logging import configure_logging
 from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
 
 DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
 DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC service")
     serve.add_argument(
         "--listen", help=f"HOST:PORT (default HEALTHAGENT_LISTEN or {DEFAULT_LISTEN})"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        help="server processes sharing the port, one per core (default HEALTHAGENT_WORKERS or 1)",
     )
     chat = commands.add_parser("chat", help="send one message and print the reply as it streams")
     chat.add_argument("--target", default=DEFAULT_TARGET)
@@ -117,7 +130,6 @@ async def _mint(options: argparse.Namespace) -> int:
 
 async def _emulator(options: argparse.Namespace, settings: Settings) -> int:
     from healthagent_service.emulator.embedded import start_emulator
-    from healthagent_service.server import parse_listen
 
     api_key = options.api_key or f"sk-emulator-{secrets.token_urlsafe(12)}"
     host, port = parse_listen(options.listen)
@@ -159,6 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         if options.command == "serve":
+            if options.workers is not None:
+                settings.workers = options.workers
+            if settings.workers > 1 and settings.worker_index is None:
+                from healthagent_service.workers import run_workers
+
+                return run_workers(settings, options.listen)
+            if settings.worker_index is not None:
+                structlog.contextvars.bind_contextvars(worker=settings.worker_index)
             limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
             from healthagent_service.server import serve
 

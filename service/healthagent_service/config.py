@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, alias="HEALTHAGENT_DATABASE_POOL_SIZE")
 
     listen: str = Field(default=DEFAULT_LISTEN, alias="HEALTHAGENT_LISTEN")
+    workers: int = Field(default=1, ge=1, le=256, alias="HEALTHAGENT_WORKERS")
+    # set by the supervisor of `serve --workers N` in each worker's environment, never by hand
+    worker_index: int | None = Field(default=None, ge=0, alias="HEALTHAGENT_WORKER_INDEX")
     metrics_listen: str = Field(default="", alias="HEALTHAGENT_METRICS_LISTEN")
     realtime_url: str | None = Field(default=None, alias="OPENAI_REALTIME_URL")
     realtime_model: str = Field(default="gpt-realtime", alias="HEALTHAGENT_REALTIME_MODEL")

@@ -23,6 +23,7 @@ from healthagent_service.history.backends import describe_store, store_from_sett
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
+from healthagent_service.listen import join_listen, parse_listen
 from healthagent_service.memory import trim_memory_when_quiet
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
@@ -49,7 +50,8 @@ GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_connection_idle_ms", 30 * 60_000),
-    # A second server on a taken port must fail, not silently share it.
+    # A second server on a taken port must fail, not silently share it (workers share theirs
+    # on purpose: see `server_options`).
     ("grpc.so_reuseport", 0),
     # Service callers multiplex many streams on one connection; the HTTP/2 default of 100
     # would queue the rest in the client.
@@ -59,12 +61,15 @@ GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port)
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments for these settings."""
+    options = dict(GRPC_SERVER_OPTIONS)
+    # Requests are small: refuse big ones before they are parsed.
+    options["grpc.max_receive_message_length"] = max(256 * 1024, 4 * settings.max_message_bytes)
+    if settings.worker_index is not None:
+        # one of `serve --workers N`: the kernel spreads connections over the workers' sockets
+        options["grpc.so_reuseport"] = 1
+    return list(options.items())
 
 
 @dataclass
@@ -297,13 +302,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     chat: ChatUpstream = realtime if uses_realtime else chatkit
     recorder = TurnRecorder(store, "realtime" if uses_realtime else "chatkit")
     revoker = SessionRevoker(store, chatkit, realtime)
-    server = grpc.aio.server(
-        options=[
-            *GRPC_SERVER_OPTIONS,
-            # Requests are small: refuse big ones before they are parsed.
-            ("grpc.max_receive_message_length", max(256 * 1024, 4 * settings.max_message_bytes)),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(settings))
     limiter = _limiter(settings)
     metrics = Metrics()
     metrics.watch_pools({"chatkit": chatkit.pool, "realtime_secrets": realtime.secrets})
@@ -333,7 +332,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         if isinstance(limiter, RedisLimiter):
             await limiter.ping()
         await revoker.start()
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = join_listen(host, port)
         credentials = _tls_credentials(settings)
         bound = (
             server.add_secure_port(address, credentials)
@@ -345,6 +344,8 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         if settings.metrics_listen:
             metrics_host, wanted_port = parse_listen(settings.metrics_listen)
             check_exposure(settings, metrics_host)
+            if wanted_port and settings.worker_index is not None:
+                wanted_port += settings.worker_index  # one scrape target per worker
             metrics_port = metrics.serve(metrics_host, wanted_port)
     except BaseException:
         await limiter.close()

@@ -8,6 +8,8 @@ from healthagent_service.history.sqlite_store import SQLiteStore
 from healthagent_service.history.store import ConversationStore
 
 SQLITE_FILE = "healthagent.db"
+# how soon a worker stops handing out a session another worker revoked (SQLite has no NOTIFY)
+REVOCATION_POLL_SECONDS = 0.25
 
 
 def store_from_settings(settings: Settings) -> ConversationStore:
@@ -18,7 +20,9 @@ def store_from_settings(settings: Settings) -> ConversationStore:
             settings.database_schema,
             settings.database_pool_size,
         )
-    return SQLiteStore(settings.data_dir / SQLITE_FILE)
+    # workers share the file; each must hear of the others' revocations (PostgreSQL: NOTIFY)
+    poll = REVOCATION_POLL_SECONDS if settings.workers > 1 else None
+    return SQLiteStore(settings.data_dir / SQLITE_FILE, revocation_poll_seconds=poll)
 
 
 def describe_store(settings: Settings) -> str:

@@ -89,6 +89,15 @@ MIGRATIONS: list[tuple[int, str]] = [
     CREATE INDEX upstream_sessions_by_user ON upstream_sessions (user_id);
     """,
     ),
+    (
+        2,
+        # revocations since a moment: another process catching up (a worker polling, a
+        # listener reconnecting) without reading every session ever minted
+        """
+    CREATE INDEX upstream_sessions_by_revocation ON upstream_sessions (revoked_at)
+        WHERE revoked_at IS NOT NULL;
+    """,
+    ),
 ]
 
 

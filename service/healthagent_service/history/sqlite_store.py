@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
 
 from healthagent_service.history.models import (
     Conversation,
@@ -34,12 +38,17 @@ from healthagent_service.history.models import (
 )
 from healthagent_service.history.store import (
     ConversationStore,
+    RevocationListener,
     check_page_size,
     decode_page_token,
     encode_page_token,
     new_message_id,
     now,
 )
+
+log = structlog.get_logger(__name__)
+
+_OPEN_TIMEOUT_SECONDS = 30.0  # as long as a write waits for the file's lock
 
 T = TypeVar("T")
 _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -89,6 +98,15 @@ MIGRATIONS: list[tuple[int, str]] = [
     CREATE INDEX upstream_sessions_by_user ON upstream_sessions (user_id);
     """,
     ),
+    (
+        2,
+        # revocations since a moment: another process catching up (a worker polling, a
+        # listener reconnecting) without reading every session ever minted
+        """
+    CREATE INDEX upstream_sessions_by_revocation ON upstream_sessions (revoked_at)
+        WHERE revoked_at IS NOT NULL;
+    """,
+    ),
 ]
 
 
@@ -103,8 +121,12 @@ def _dt(value: str) -> datetime:
 class SQLiteStore(ConversationStore):
     """`ConversationStore` on a SQLite file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, revocation_poll_seconds: float | None = None) -> None:
+        """`revocation_poll_seconds`: when several processes share the file (`serve --workers`),
+        how often each looks for sessions another one revoked; None for a single process."""
         self._path = path
+        self._revocation_poll_seconds = revocation_poll_seconds
+        self._revocation_poller: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
         self._queued_writes: deque[_Write] = deque()
@@ -177,9 +199,12 @@ class SQLiteStore(ConversationStore):
         def connect() -> sqlite3.Connection:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False, timeout=30
+                self._path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=_OPEN_TIMEOUT_SECONDS,
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
             db.execute("PRAGMA foreign_keys=ON")
             return db
@@ -188,6 +213,11 @@ class SQLiteStore(ConversationStore):
         await self._write(_migrate)
 
     async def close(self) -> None:
+        if self._revocation_poller is not None:
+            self._revocation_poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._revocation_poller
+            self._revocation_poller = None
         if self._db is not None:
             await self._run(lambda db: db.close())
             self._db = None
@@ -395,6 +425,31 @@ class SQLiteStore(ConversationStore):
 
         return await self._write(write)
 
+    async def listen_revocations(self, listener: RevocationListener) -> None:
+        if self._revocation_poll_seconds is None:
+            return  # a single process: no one else revokes
+        since = await self._run(_newest_revocation)
+        self._revocation_poller = asyncio.create_task(self._poll_revocations(listener, since))
+
+    async def _poll_revocations(self, listener: RevocationListener, since: str) -> None:
+        """SQLite has no NOTIFY: read the revocations committed since the newest one seen.
+        Stamps are taken inside the write transaction, which holds the file's write lock, so
+        they are in commit order and none can appear later with an older stamp."""
+        assert self._revocation_poll_seconds is not None
+        while True:
+            await asyncio.sleep(self._revocation_poll_seconds)
+            try:
+                revoked = await self._run(functools.partial(_revocations_after, since=since))
+            except sqlite3.Error as exc:
+                log.warning("revocation poll failed", error=type(exc).__name__)
+                continue
+            for user, stamp in revoked:
+                since = max(since, stamp)
+                try:
+                    await listener(user)
+                except Exception:
+                    log.exception("revocation listener failed", user=user)
+
     async def is_revoked(self, session_id: str) -> bool:
         def query(db: sqlite3.Connection) -> bool:
             row = db.execute(
@@ -414,6 +469,36 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
             done.set_result(value)
         else:
             done.set_exception(value)
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """Switch a new file to WAL (a no-op once it is). The switch takes the file exclusively and
+    SQLite answers "locked" at once rather than through the busy timeout, so workers opening a
+    new file together wait for each other here."""
+    deadline = time.monotonic() + _OPEN_TIMEOUT_SECONDS
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _newest_revocation(db: sqlite3.Connection) -> str:
+    row = db.execute("SELECT max(revoked_at) FROM upstream_sessions").fetchone()
+    return str(row[0]) if row[0] is not None else ""
+
+
+def _revocations_after(db: sqlite3.Connection, since: str) -> list[tuple[str, str]]:
+    """(user, newest revocation stamp) for each user with sessions revoked after `since`."""
+    rows = db.execute(
+        "SELECT user_id, max(revoked_at) FROM upstream_sessions WHERE revoked_at > ?"
+        " GROUP BY user_id",
+        (since,),
+    ).fetchall()
+    return [(str(user), str(stamp)) for user, stamp in rows]
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -1,0 +1,188 @@
+"""`healthagent serve` with `HEALTHAGENT_WORKERS` > 1: one server process per core, one port.
+
+A Python process runs its event loop on one core, however many the machine has; gRPC's own
+advice for Python servers is several processes. This supervisor reserves the port (a socket
+bound with SO_REUSEPORT and never listened on, so nothing else can take the port while a worker
+restarts), starts the workers, which bind the same port with SO_REUSEPORT so that the kernel
+spreads incoming connections over them, restarts a worker that dies, and on SIGTERM or SIGINT
+passes the signal on and waits for every worker's graceful shutdown. It never imports gRPC.
+
+Workers share what a replica shares: the history store (SQLite in WAL mode, or PostgreSQL),
+revocations through it, and per-user limits through Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+
+import structlog
+
+from healthagent_service.config import Settings
+from healthagent_service.listen import join_listen, parse_listen
+
+log = structlog.get_logger(__name__)
+
+WORKER_INDEX_ENV = "HEALTHAGENT_WORKER_INDEX"
+# Exit status of `serve` when it cannot start (bad settings, port taken): restarting won't help.
+CANNOT_START = 2
+_POLL_SECONDS = 0.2
+_FIRST_RESTART_DELAY = 1.0
+_MAX_RESTART_DELAY = 30.0
+_HEALTHY_AFTER_SECONDS = 60.0  # a worker up this long restarts with the first delay again
+_EXTRA_STOP_SECONDS = 15.0  # beyond the workers' own drain and grace periods
+
+
+def worker_problems(settings: Settings) -> list[str]:
+    """Why these settings cannot run several workers (empty when they can)."""
+    problems = []
+    if settings.emulated:
+        problems.append(
+            "each worker would run its own embedded emulator, so a conversation begun on one "
+            "would be unknown to the others: point the workers at an upstream (OPENAI_API_KEY, "
+            "HEALTHAGENT_CHATKIT_URL, or one `healthagent emulator` via OPENAI_BASE_URL)"
+        )
+    limited = settings.rate_limit_per_minute > 0 or settings.max_streams_per_user > 0
+    if limited and settings.redis_url is None:
+        problems.append(
+            "per-user limits kept in memory would be counted per worker: set "
+            "HEALTHAGENT_REDIS_URL to share them, or turn them off "
+            "(HEALTHAGENT_RATE_LIMIT_PER_MINUTE=0, HEALTHAGENT_MAX_STREAMS_PER_USER=0)"
+        )
+    return problems
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """Hold `host:port` (port 0 picks one) with SO_REUSEPORT for as long as the workers run;
+    yield the port. Fails as a taken port fails if another program holds it."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    holder = socket.socket(family, kind, proto)
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(address)
+        yield int(holder.getsockname()[1])
+    finally:
+        holder.close()
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restart_delay: float = _FIRST_RESTART_DELAY
+
+
+class Supervisor:
+    """Starts `count` workers on `address`, keeps them running, stops them on a signal."""
+
+    def __init__(self, settings: Settings, address: str, count: int) -> None:
+        self._address = address
+        self._count = count
+        self._stop_timeout = (
+            settings.shutdown_drain_seconds + settings.shutdown_grace_seconds + _EXTRA_STOP_SECONDS
+        )
+        self._workers = [_Worker(index) for index in range(count)]
+        self._stop_signal: int | None = None
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "healthagent_service.cli", "serve", "--listen", self._address]
+
+    def _start(self, worker: _Worker) -> None:
+        env = {**os.environ, "HEALTHAGENT_WORKERS": str(self._count)}
+        env[WORKER_INDEX_ENV] = str(worker.index)
+        worker.process = subprocess.Popen(self._command(), env=env)
+        worker.started_at = time.monotonic()
+        worker.restart_at = None
+        log.info("worker started", worker=worker.index, pid=worker.process.pid)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self._stop_signal = signum
+
+    def run(self) -> int:
+        """Until SIGTERM or SIGINT; the exit status for the command."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        for worker in self._workers:
+            self._start(worker)
+        log.info("supervising", workers=self._count, address=self._address, pid=os.getpid())
+        while self._stop_signal is None:
+            failed = self._check_workers()
+            if failed is not None:
+                log.error("a worker cannot start; stopping", worker=failed)
+                self._stop(signal.SIGTERM)
+                return CANNOT_START
+            time.sleep(_POLL_SECONDS)
+        return self._stop(self._stop_signal)
+
+    def _check_workers(self) -> int | None:
+        """Restart dead workers when due; the index of one that cannot start, if any."""
+        now = time.monotonic()
+        for worker in self._workers:
+            process = worker.process
+            if process is None or worker.restart_at is not None:
+                if worker.restart_at is not None and now >= worker.restart_at:
+                    self._start(worker)
+                continue
+            code = process.poll()
+            if code is None:
+                continue
+            ran = now - worker.started_at
+            if code == CANNOT_START:
+                return worker.index
+            if ran >= _HEALTHY_AFTER_SECONDS:
+                worker.restart_delay = _FIRST_RESTART_DELAY
+            worker.restart_at = now + worker.restart_delay
+            log.error(
+                "worker exited; restarting",
+                worker=worker.index,
+                exit_code=code,
+                ran_seconds=round(ran, 1),
+                restart_in_seconds=worker.restart_delay,
+            )
+            worker.restart_delay = min(_MAX_RESTART_DELAY, worker.restart_delay * 2)
+        return None
+
+    def _stop(self, signum: int) -> int:
+        """Pass `signum` to every worker, wait for them; 0 when all stopped cleanly."""
+        running = [w.process for w in self._workers if w.process and w.process.poll() is None]
+        log.info("stopping workers", workers=len(running), signal=signal.Signals(signum).name)
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+        deadline = time.monotonic() + self._stop_timeout
+        clean = True
+        for process in running:
+            try:
+                code = process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = process.wait()
+                log.error("worker did not stop in time; killed", pid=process.pid)
+            # -signum: it was still starting, before its handlers, so it held no call
+            clean = clean and code in (0, -signum)
+        log.info("stopped")
+        return 0 if clean else 1
+
+
+def run_workers(settings: Settings, listen: str | None) -> int:
+    """Serve with `settings.workers` processes; returns the command's exit status."""
+    problems = worker_problems(settings)
+    if problems:
+        raise ValueError(f"HEALTHAGENT_WORKERS={settings.workers}: " + "; ".join(problems))
+    host, port = parse_listen(listen or settings.listen)
+    with reserved_port(host, port) as bound:
+        return Supervisor(settings, join_listen(host, bound), settings.workers).run()

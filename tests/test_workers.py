@@ -1,0 +1,183 @@
+"""`healthagent serve --workers N`: real processes sharing one port through SO_REUSEPORT,
+one SQLite history, and revocations; a worker that dies is replaced; SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.processes import (
+    HEALTHAGENT,
+    EmulatorProcess,
+    ServeProcess,
+    clean_env,
+    free_port,
+    start_emulator_process,
+    start_serve,
+)
+from healthagent.v1 import health_agent_pb2 as pb
+from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+
+NO_LIMITS = {"HEALTHAGENT_RATE_LIMIT_PER_MINUTE": "0", "HEALTHAGENT_MAX_STREAMS_PER_USER": "0"}
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(child) for child in text.split()}
+
+
+def worker_id(stub: pb_grpc.HealthAgentStub) -> str:
+    """Which worker answered: new request ids start with a random prefix per process."""
+    _, call = stub.MintSession.with_call(pb.MintSessionRequest(user="probe"), timeout=10)
+    request_id = dict(call.trailing_metadata() or ())["x-request-id"]
+    return str(request_id)[:16]
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorProcess]:
+    process = start_emulator_process(chunk_delay_ms="1")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def workers(emulator: EmulatorProcess) -> Iterator[ServeProcess]:
+    server = start_serve(**emulator.service_env(), **NO_LIMITS, HEALTHAGENT_WORKERS="2")
+    yield server
+    if server.process.poll() is None:
+        assert server.terminate() == 0
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture
+def stub_per_worker(workers: ServeProcess) -> Iterator[dict[str, pb_grpc.HealthAgentStub]]:
+    """A channel to each worker: new connections until both have answered (the kernel picks a
+    worker per connection; 40 connections all to one of two has odds of 2 in 10^12)."""
+    channels: list[grpc.Channel] = []
+    stubs: dict[str, pb_grpc.HealthAgentStub] = {}
+    try:
+        for index in range(40):
+            # a distinct argument per channel, or gRPC would share one connection among them
+            channel = grpc.insecure_channel(workers.address, options=[("test.channel", index)])
+            channels.append(channel)
+            stub = pb_grpc.HealthAgentStub(channel)
+            stubs.setdefault(worker_id(stub), stub)
+            if len(stubs) == 2:
+                break
+        assert len(stubs) == 2, "every connection reached the same worker"
+        yield stubs
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_two_workers_share_one_port_and_one_history(
+    workers: ServeProcess, stub_per_worker: dict[str, pb_grpc.HealthAgentStub]
+) -> None:
+    assert len(children(workers.process.pid)) == 2
+    first, second = stub_per_worker.values()
+    events = list(first.Chat(pb.ChatRequest(message="[chunks=3] hello", user="wanda"), timeout=30))
+    conversation_id = events[0].session.conversation_id
+    more = list(
+        second.Chat(
+            pb.ChatRequest(message="and again", user="wanda", conversation_id=conversation_id),
+            timeout=30,
+        )
+    )
+    assert more[-1].WhichOneof("event") == "response_done"
+    for stub in (first, second):  # both read the one SQLite file, the other's turn included
+        seen = stub.GetConversation(
+            pb.GetConversationRequest(user="wanda", conversation_id=conversation_id)
+        ).conversation
+        assert [m.text for m in seen.messages][::2] == ["[chunks=3] hello", "and again"]
+        assert all(m.status == pb.MESSAGE_STATUS_COMPLETE for m in seen.messages)
+
+
+def test_a_revocation_on_one_worker_empties_the_other_workers_pool(
+    stub_per_worker: dict[str, pb_grpc.HealthAgentStub],
+) -> None:
+    holder, revoker = stub_per_worker.values()
+    before = holder.MintSession(pb.MintSessionRequest(user="vera"))
+    # pooled: the same session again, until it is revoked
+    assert holder.MintSession(pb.MintSessionRequest(user="vera")).session.id == before.session.id
+    assert revoker.RevokeSessions(pb.RevokeSessionsRequest(user="vera")).revoked_sessions >= 1
+    revoked_at = time.monotonic()
+    while True:
+        after = holder.MintSession(pb.MintSessionRequest(user="vera"))
+        if after.session.id != before.session.id or time.monotonic() - revoked_at > 5:
+            break
+        time.sleep(0.02)
+    assert after.session.id != before.session.id
+    print(f"the other worker stopped handing it out {time.monotonic() - revoked_at:.2f} s later")
+
+
+def test_a_worker_that_dies_is_replaced(
+    workers: ServeProcess, stub_per_worker: dict[str, pb_grpc.HealthAgentStub]
+) -> None:
+    supervisor = workers.process.pid
+    victim = min(children(supervisor))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = children(supervisor)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.1)
+    assert victim not in children(supervisor) and len(children(supervisor)) == 2
+    for index in range(8):  # new connections are answered (by whichever worker listens)
+        with grpc.insecure_channel(workers.address, options=[("test.after", index)]) as channel:
+            stub = pb_grpc.HealthAgentStub(channel)
+            assert worker_id(stub)
+    assert "worker exited; restarting" in workers.log()
+
+
+def test_sigterm_stops_the_workers_and_the_supervisor(workers: ServeProcess) -> None:
+    pids = children(workers.process.pid)
+    assert workers.terminate() == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
+    assert workers.log().count('"stopped"') >= 3  # each worker, then the supervisor
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+
+
+def _serve_exit(env: dict[str, str], listen: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HEALTHAGENT, "serve", "--listen", listen],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_workers_refuse_what_they_cannot_share(emulator: EmulatorProcess) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    embedded = _serve_exit({"HEALTHAGENT_WORKERS": "2", **NO_LIMITS}, listen)
+    assert embedded.returncode == 2
+    assert "embedded emulator" in embedded.stdout + embedded.stderr
+    in_memory = _serve_exit({**emulator.service_env(), "HEALTHAGENT_WORKERS": "2"}, listen)
+    assert in_memory.returncode == 2
+    assert "HEALTHAGENT_REDIS_URL" in in_memory.stdout + in_memory.stderr
+
+
+def test_workers_refuse_a_port_another_program_holds(emulator: EmulatorProcess) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**emulator.service_env(), **NO_LIMITS, "HEALTHAGENT_WORKERS": "2"}
+        result = _serve_exit(env, f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert "Address already in use" in result.stdout + result.stderr
