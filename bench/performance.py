@@ -56,6 +56,8 @@ from bench.processes import (
 )
 
 TARGETS = ("bare", "direct", "healthagent")
+WORKERS_TARGET = "healthagent-workers"  # `serve --workers <cores>`, in the open-streams phase
+WORKFLOW = "wf_bench"
 CHUNKS = 100
 OPEN_STREAM_USERS = 1000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -134,6 +136,9 @@ class OpenStreamsResult:
     server_rss_peak_bytes: int = 0
     server_cpu_seconds: float = 0.0
     seconds: float = 0.0
+    workers: int = 1  # server processes (`serve --workers N`)
+    client_cpu_seconds: float = 0.0
+    emulator_cpu_seconds: float = 0.0  # 0 for the bare server, which has no upstream
 
 
 @dataclass
@@ -157,14 +162,37 @@ class Targets:
     healthagent: ServeProcess
     bare: subprocess.Popen[bytes]
     bare_address: str
-    workflow: str = "wf_bench"
+    workflow: str = WORKFLOW
+    # `serve --workers N`, started for the open-streams phase only (idle, it would still
+    # share the machine with every other phase)
+    workers: ServeProcess | None = None
 
     def server_pid(self, target: str) -> int:
         if target == "bare":
             return self.bare.pid
         if target == "healthagent":
             return self.healthagent.process.pid
+        if target == WORKERS_TARGET:
+            assert self.workers is not None, "start_workers first"
+            return self.workers.process.pid
         return self.emulator.process.pid  # direct: the client reads the upstream itself
+
+    def address(self, target: str) -> str:
+        """Where a gRPC target listens."""
+        if target == "bare":
+            return self.bare_address
+        if target == WORKERS_TARGET:
+            assert self.workers is not None, "start_workers first"
+            return self.workers.address
+        return self.healthagent.address
+
+    def start_workers(self, count: int) -> None:
+        self.workers = start_serve(**_service_env(self.emulator), HEALTHAGENT_WORKERS=str(count))
+
+    def stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.terminate()
+            self.workers = None
 
     def client(self, target: str, streams: int) -> TurnClient:
         if target == "bare":
@@ -176,22 +204,29 @@ class Targets:
         )
 
     def stop(self) -> None:
+        self.stop_workers()
         self.healthagent.terminate()
         self.bare.terminate()
         self.bare.wait(10)
         self.emulator.stop()
 
 
+def _service_env(emulator: EmulatorProcess) -> dict[str, str]:
+    """`serve` in front of the emulator, as for any load test: no per-user limits, warnings
+    only in the log."""
+    return {
+        **emulator.service_env(WORKFLOW),
+        "HEALTHAGENT_RATE_LIMIT_PER_MINUTE": "0",
+        "HEALTHAGENT_MAX_STREAMS_PER_USER": "0",
+        "HEALTHAGENT_LOG_LEVEL": "warning",
+        "HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS": "20000",
+    }
+
+
 def start_targets() -> Targets:
-    workflow = "wf_bench"
+    workflow = WORKFLOW
     emulator = start_emulator_process(chunk_delay_ms="0", workflow=workflow)
-    healthagent = start_serve(
-        **emulator.service_env(workflow),
-        HEALTHAGENT_RATE_LIMIT_PER_MINUTE="0",
-        HEALTHAGENT_MAX_STREAMS_PER_USER="0",
-        HEALTHAGENT_LOG_LEVEL="warning",
-        HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS="20000",
-    )
+    healthagent = start_serve(**_service_env(emulator))
     bare = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.PIPE,
@@ -365,67 +400,83 @@ def median_mint(results: list[MintResult]) -> MintResult:
     return chosen
 
 
+OPEN_STREAMS_CLIENT = Path(__file__).with_name("open_streams_client.mjs")
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and its live children (the workers of `serve --workers N`)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children."""
+    return sum(cpu_seconds(p) for p in tree_pids(pid))
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its live children."""
+    return sum(rss_bytes(p) for p in tree_pids(pid))
+
+
+async def run_open_streams_client(
+    address: str, streams: int, ramp_seconds: float, message: str, users: int
+) -> dict[str, Any]:
+    """The Node load client (`open_streams_client.mjs`); its JSON report."""
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(OPEN_STREAMS_CLIENT),
+        address,
+        str(streams),
+        str(ramp_seconds),
+        message,
+        str(users),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"open-streams client failed: {err.decode()[-2000:]}")
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
 async def measure_open_streams(
     targets: Targets, target: str, streams: int, chunks_each: int, ramp_seconds: float
 ) -> OpenStreamsResult:
-    """`streams` Chat streams through `target` (bare or healthagent), started over
-    `ramp_seconds`, each getting a chunk every second for `chunks_each` seconds."""
+    """`streams` Chat streams through `target`, started over `ramp_seconds`, each getting a
+    chunk every second for `chunks_each` seconds, read by the Node load client."""
     result = OpenStreamsResult(target, streams, chunks_each, ramp_seconds)
-    users = [f"open-{i % OPEN_STREAM_USERS}" for i in range(streams)]
-    client = targets.client(target, streams)
+    address = targets.address(target)
     server = targets.server_pid(target)
-    message = f"[chunks={chunks_each}] [pace=1000] [stamp]"
-    open_now = 0
-    samples: list[TurnSample] = []
-    try:
-        await client.prepare(users)
-        distinct = sorted(set(users))
-        await asyncio.gather(
-            *(client.turn(i, u, "[chunks=1] [stamp]") for i, u in enumerate(distinct))
+    result.workers = len(tree_pids(server)) - 1 or 1
+    users = min(streams, OPEN_STREAM_USERS)
+    # warm: a turn per user, so sessions are minted and connections open, as in steady service
+    await run_open_streams_client(address, users, 0, "[chunks=1] [stamp]", users)
+    result.server_rss_idle_bytes = tree_rss_bytes(server)
+    result.server_rss_peak_bytes = result.server_rss_idle_bytes
+    emulator = targets.emulator.process.pid
+    cpu, emulator_cpu = tree_cpu_seconds(server), cpu_seconds(emulator)
+    started = time.monotonic()
+    client = asyncio.create_task(
+        run_open_streams_client(
+            address, streams, ramp_seconds, f"[chunks={chunks_each}] [pace=1000] [stamp]", users
         )
-        result.server_rss_idle_bytes = rss_bytes(server)
-        result.server_rss_peak_bytes = result.server_rss_idle_bytes
-        cpu = cpu_seconds(server)
-        started = time.monotonic()
-        running = True
-
-        async def sample_memory() -> None:
-            while running:
-                rss = rss_bytes(server)
-                result.server_rss_peak_bytes = max(result.server_rss_peak_bytes, rss)
-                await asyncio.sleep(0.5)
-
-        async def one(index: int, user: str) -> None:
-            nonlocal open_now
-            await asyncio.sleep(ramp_seconds * index / streams)
-            open_now += 1
-            result.max_open = max(result.max_open, open_now)
-            try:
-                samples.append(await client.turn(index, user, message))
-            finally:
-                open_now -= 1
-
-        sampler = asyncio.create_task(sample_memory())
-        await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
-        running = False
-        await sampler
-        result.seconds = round(time.monotonic() - started, 3)
-        result.server_cpu_seconds = round(cpu_seconds(server) - cpu, 2)
-    finally:
-        await client.close()
-    errors: Counter[str] = Counter(
-        f"{s.error}: {s.detail}" if s.detail else s.error for s in samples if s.error is not None
     )
-    result.errors = dict(errors)
-    result.completed = sum(1 for s in samples if s.error is None)
-    result.chunks = sum(s.chunks for s in samples)
-    result.chunk_latency = percentiles(
-        [
-            r - s
-            for sample in samples
-            for s, r in zip(sample.sent_ns, sample.received_ns, strict=True)
-        ]
-    )
+    while not client.done():
+        rss = tree_rss_bytes(server)
+        result.server_rss_peak_bytes = max(result.server_rss_peak_bytes, rss)
+        await asyncio.wait({client}, timeout=0.5)
+    report = client.result()
+    result.seconds = round(time.monotonic() - started, 3)
+    result.server_cpu_seconds = round(tree_cpu_seconds(server) - cpu, 2)
+    result.emulator_cpu_seconds = round(cpu_seconds(emulator) - emulator_cpu, 2)
+    result.max_open = report["max_open"]
+    result.completed = report["completed"]
+    result.errors = report["errors"]
+    result.chunks = report["chunks"]
+    result.chunk_latency = report["chunk_latency"]
+    result.client_cpu_seconds = round(report["client_cpu_seconds"], 2)
     return result
 
 
@@ -461,9 +512,11 @@ def compare(report: Report) -> dict[str, Any]:
             "target": ">= 0.8",
         }
     for open_streams in report.open_streams:
-        if open_streams.target == "healthagent":
-            out["open_streams"] = {
+        if open_streams.target in ("healthagent", WORKERS_TARGET):
+            key = "open_streams" if open_streams.target == "healthagent" else "open_streams_workers"
+            out[key] = {
                 "streams": open_streams.streams,
+                "workers": open_streams.workers,
                 "errors": sum(open_streams.errors.values()),
                 "server_rss_peak_mib": round(open_streams.server_rss_peak_bytes / 2**20, 1),
                 "target": "no errors, <= 1536 MiB",
@@ -514,17 +567,21 @@ def markdown(report: Report) -> str:
     if report.open_streams:
         lines += [
             "",
-            "| open streams | target | max open at once | completed | errors | chunks"
-            " | chunk latency p50 / p99 ms | server RSS idle | server RSS peak | server CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| open streams | target | processes | max open at once | completed | errors"
+            " | chunks | chunk latency p50 / p99 ms | server RSS idle | server RSS peak"
+            " | CPU us/chunk: server, emulator, client |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for o in report.open_streams:
+        per_chunk = 1e6 / o.chunks if o.chunks else float("nan")
         lines.append(
-            f"| {o.streams:,} | {o.target} | {o.max_open:,} | {o.completed:,}"
+            f"| {o.streams:,} | {o.target} | {o.workers} | {o.max_open:,} | {o.completed:,}"
             f" | {sum(o.errors.values())} | {o.chunks:,}"
             f" | {o.chunk_latency['p50_ms']} / {o.chunk_latency['p99_ms']}"
             f" | {o.server_rss_idle_bytes / 2**20:.1f} MiB"
-            f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB | {o.server_cpu_seconds} |"
+            f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB"
+            f" | {o.server_cpu_seconds * per_chunk:.0f}, {o.emulator_cpu_seconds * per_chunk:.0f},"
+            f" {o.client_cpu_seconds * per_chunk:.0f} |"
         )
     return "\n".join(lines)
 
@@ -620,6 +677,8 @@ async def run_all(options: argparse.Namespace) -> Report:
         report.mint = [median_mint(results) for results in rounds.values()]
         for target in options.open_targets if options.open_streams else []:
             # the bare server too: whether this machine can hold the load at all
+            if target == WORKERS_TARGET:
+                targets.start_workers(options.workers)
             open_streams = await measure_open_streams(
                 targets,
                 target,
@@ -627,6 +686,7 @@ async def run_all(options: argparse.Namespace) -> Report:
                 options.open_seconds,
                 options.open_ramp_seconds,
             )
+            targets.stop_workers()
             report.open_streams.append(open_streams)
             print(json.dumps(asdict(open_streams)), file=sys.stderr, flush=True)
     finally:
@@ -661,8 +721,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--open-targets",
         type=lambda s: s.split(","),
-        default=["bare", "healthagent"],
+        default=["bare", "healthagent", WORKERS_TARGET],
         help="targets of the open-streams phase",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help=f"processes of `{WORKERS_TARGET}` (default: one per core)",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))

@@ -45,6 +45,8 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
             "2",
             "--open-ramp-seconds",
             "0.5",
+            "--workers",
+            "2",
             "--out",
             str(tmp_path),
         ],
@@ -77,13 +79,28 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     assert set(mints) == {"bare", "healthagent"}
     assert all(m["requests"] > 0 and m["errors"] == {} for m in mints.values())
 
-    assert [o["target"] for o in report["open_streams"]] == ["bare", "healthagent"]
-    for open_streams in report["open_streams"]:
+    opened = {o["target"]: o for o in report["open_streams"]}
+    assert list(opened) == ["bare", "healthagent", "healthagent-workers"]
+    for open_streams in opened.values():
         assert open_streams["completed"] == 20 and open_streams["errors"] == {}
         assert open_streams["chunks"] == 20 * 2 and open_streams["server_rss_peak_bytes"] > 0
+        latency = open_streams["chunk_latency"]
+        assert latency["n"] == 40 and 0 <= latency["p50_ms"] <= latency["max_ms"]
+        assert open_streams["client_cpu_seconds"] > 0
+    assert [opened[t]["workers"] for t in opened] == [1, 1, 2]
+    # the server CPU and memory of the workers are the supervisor's and both workers'
+    assert (
+        opened["healthagent-workers"]["server_rss_peak_bytes"]
+        > (opened["healthagent"]["server_rss_idle_bytes"])
+    )
 
     targets = report["targets"]
-    assert set(targets) == {"cpu_per_chunk_vs_bare", "mint_rps_vs_bare", "open_streams"}
+    assert set(targets) == {
+        "cpu_per_chunk_vs_bare",
+        "mint_rps_vs_bare",
+        "open_streams",
+        "open_streams_workers",
+    }
     assert set(targets["cpu_per_chunk_vs_bare"]["by_concurrency"]) == {"1", "3"}
     assert set(targets["cpu_per_chunk_vs_bare"]["paced_by_concurrency"]) == {"1", "3"}
     for plot in ("throughput.png", "latency.png"):
