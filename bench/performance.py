@@ -49,6 +49,7 @@ from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
 from bench.processes import (
     EmulatorProcess,
     ServeProcess,
+    child_pids,
     free_port,
     rss_bytes,
     start_emulator_process,
@@ -405,8 +406,7 @@ OPEN_STREAMS_CLIENT = Path(__file__).with_name("open_streams_client.mjs")
 
 def tree_pids(pid: int) -> list[int]:
     """`pid` and its live children (the workers of `serve --workers N`)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *map(int, children)]
+    return [pid, *child_pids(pid)]
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -159,6 +159,12 @@ def open_files(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid`, such as the workers of `serve --workers N` (Linux
+    /proc)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
     return _status_bytes(pid)["VmRSS"]

@@ -18,6 +18,7 @@ from bench.processes import (
     HEALTHAGENT,
     EmulatorProcess,
     ServeProcess,
+    child_pids,
     clean_env,
     free_port,
     start_emulator_process,
@@ -30,9 +31,7 @@ NO_LIMITS = {"HEALTHAGENT_RATE_LIMIT_PER_MINUTE": "0", "HEALTHAGENT_MAX_STREAMS_
 
 
 def children(pid: int) -> set[int]:
-    """The live child processes of `pid` (Linux /proc)."""
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return {int(child) for child in text.split()}
+    return set(child_pids(pid))
 
 
 def worker_id(stub: pb_grpc.HealthAgentStub) -> str:
