@@ -3,6 +3,7 @@ one SQLite history, and revocations; a worker that dies is replaced; SIGTERM sto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -145,6 +146,21 @@ def test_sigterm_stops_the_workers_and_the_supervisor(workers: ServeProcess) -> 
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
     assert workers.log().count('"stopped"') >= 3  # each worker, then the supervisor
+
+
+def test_workers_stop_when_the_supervisor_is_killed(workers: ServeProcess) -> None:
+    pids = children(workers.process.pid)
+    workers.process.kill()  # SIGKILL: no chance to pass anything on
+    workers.process.wait(10)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "orphaned workers"
+    finally:
+        for pid in pids:  # leave nothing behind when it fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _state(pid: int) -> str:

@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return run_workers(settings, options.listen)
             if settings.worker_index is not None:
+                from healthagent_service.workers import follow_supervisor
+
+                follow_supervisor()
                 structlog.contextvars.bind_contextvars(worker=settings.worker_index)
             limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
             from healthagent_service.server import serve

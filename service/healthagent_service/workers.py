@@ -14,6 +14,8 @@ revocations through it, and per-user limits through Redis.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -32,6 +34,7 @@ from healthagent_service.listen import join_listen, parse_listen
 log = structlog.get_logger(__name__)
 
 WORKER_INDEX_ENV = "HEALTHAGENT_WORKER_INDEX"
+SUPERVISOR_PID_ENV = "HEALTHAGENT_SUPERVISOR_PID"
 # Exit status of `serve` when it cannot start (bad settings, port taken): restarting won't help.
 CANNOT_START = 2
 _POLL_SECONDS = 0.2
@@ -76,6 +79,21 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
         holder.close()
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2) option, Linux
+
+
+def follow_supervisor() -> None:
+    """In a worker, first thing: be sent SIGTERM when the supervisor dies, even by SIGKILL, so
+    no orphaned worker keeps serving (and holding the port) with nobody to stop it. Exits at
+    once if the supervisor is already gone."""
+    supervisor = int(os.environ.get(SUPERVISOR_PID_ENV, "0"))
+    libc_name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and libc_name is not None:
+        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if supervisor and os.getppid() != supervisor:  # it died before the line above
+        raise SystemExit(0)
+
+
 @dataclass
 class _Worker:
     index: int
@@ -103,6 +121,7 @@ class Supervisor:
     def _start(self, worker: _Worker) -> None:
         env = {**os.environ, "HEALTHAGENT_WORKERS": str(self._count)}
         env[WORKER_INDEX_ENV] = str(worker.index)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         worker.process = subprocess.Popen(self._command(), env=env)
         worker.started_at = time.monotonic()
         worker.restart_at = None
