@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from bench.processes import (
@@ -138,6 +139,41 @@ def test_a_worker_that_dies_is_replaced(
             stub = pb_grpc.HealthAgentStub(channel)
             assert worker_id(stub)
     assert "worker exited; restarting" in workers.log()
+
+
+def _two_free_ports() -> int:
+    """A port P such that P and P + 1 are both free now."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_each_worker_serves_its_metrics_on_its_own_port(emulator: EmulatorProcess) -> None:
+    base = _two_free_ports()
+    server = start_serve(
+        **emulator.service_env(),
+        **NO_LIMITS,
+        HEALTHAGENT_WORKERS="2",
+        HEALTHAGENT_METRICS_LISTEN=f"127.0.0.1:{base}",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        pages: dict[int, str] = {}
+        while len(pages) < 2 and time.monotonic() < deadline:
+            for port in (base, base + 1):
+                with contextlib.suppress(httpx.HTTPError):
+                    pages[port] = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            time.sleep(0.1)
+        assert sorted(pages) == [base, base + 1]
+        assert all("healthagent_active_streams" in page for page in pages.values())
+    finally:
+        assert server.terminate() == 0
 
 
 def test_sigterm_stops_the_workers_and_the_supervisor(workers: ServeProcess) -> None:
