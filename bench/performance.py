@@ -49,11 +49,12 @@ from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
 from bench.processes import (
     EmulatorProcess,
     ServeProcess,
-    child_pids,
     free_port,
     rss_bytes,
     start_emulator_process,
     start_serve,
+    tree_pids,
+    tree_rss_bytes,
 )
 
 TARGETS = ("bare", "direct", "healthagent")
@@ -404,19 +405,9 @@ def median_mint(results: list[MintResult]) -> MintResult:
 OPEN_STREAMS_CLIENT = Path(__file__).with_name("open_streams_client.mjs")
 
 
-def tree_pids(pid: int) -> list[int]:
-    """`pid` and its live children (the workers of `serve --workers N`)."""
-    return [pid, *child_pids(pid)]
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its live children."""
     return sum(cpu_seconds(p) for p in tree_pids(pid))
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its live children."""
-    return sum(rss_bytes(p) for p in tree_pids(pid))
 
 
 async def run_open_streams_client(

@@ -168,3 +168,13 @@ def child_pids(pid: int) -> list[int]:
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
     return _status_bytes(pid)["VmRSS"]
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and its live children (the workers of `serve --workers N`)."""
+    return [pid, *child_pids(pid)]
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its live children."""
+    return sum(rss_bytes(p) for p in tree_pids(pid))

@@ -25,9 +25,10 @@ import httpx
 from bench.processes import (
     open_files,
     rss_breakdown,
-    rss_bytes,
     start_emulator_process,
     start_serve,
+    tree_pids,
+    tree_rss_bytes,
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -45,6 +46,7 @@ class SoakReport:
     seconds: float
     drop_fraction: float
     warmup_seconds: float
+    workers: int = 1
     turns: int = 0
     ok_exact: int = 0
     unavailable: int = 0
@@ -68,6 +70,13 @@ class SoakReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "memory_growth": round(self.memory_growth, 4)}
+
+
+def _tree_breakdown(pid: int) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for member in tree_pids(pid):
+        total.update(rss_breakdown(member))
+    return dict(total)
 
 
 async def _turn(stub: pb_grpc.HealthAgentStub, user: str, drop: bool) -> str:
@@ -98,19 +107,27 @@ async def run_soak(
     seed: int = 7,
     rounds: int = 1,
     warmup_seconds: float = 10.0,
+    workers: int = 1,
 ) -> SoakReport:
-    """Run the soak against fresh emulator and server processes; return the figures."""
-    report = SoakReport(streams, seconds, drop_fraction, warmup_seconds)
+    """Run the soak against fresh emulator and server processes; return the figures (memory
+    and open files: of the supervisor and its workers, with `workers` > 1)."""
+    report = SoakReport(streams, seconds, drop_fraction, warmup_seconds, workers)
     emulator = start_emulator_process(chunk_delay_ms=str(chunk_delay_ms))
     server = start_serve(
         **emulator.service_env(),
         HEALTHAGENT_RATE_LIMIT_PER_MINUTE="0",
         HEALTHAGENT_MAX_STREAMS_PER_USER="0",
         HEALTHAGENT_LOG_LEVEL="warning",
+        HEALTHAGENT_WORKERS=str(workers),
     )
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
-    channels = [grpc.aio.insecure_channel(server.address) for _ in range(max(1, streams // 250))]
+    # the kernel spreads connections, not calls, over workers: a few connections each
+    count = max(1, streams // 250) * workers
+    channels = [
+        grpc.aio.insecure_channel(server.address, options=[("soak.channel", index)])
+        for index in range(count)
+    ]
     stubs = [pb_grpc.HealthAgentStub(c) for c in channels]
     try:
 
@@ -126,7 +143,7 @@ async def run_soak(
 
             async def sample_memory() -> None:
                 while sample and time.monotonic() < deadline:
-                    rss = rss_bytes(server.process.pid)
+                    rss = tree_rss_bytes(server.process.pid)
                     report.server_rss_peak = max(report.server_rss_peak, rss)
                     await asyncio.sleep(0.5)
 
@@ -137,14 +154,15 @@ async def run_soak(
         # their working size), then take the baseline: what the rounds leave above it is what
         # the load left behind.
         await run_round(warmup_seconds, sample=False)
-        report.server_rss_start = rss_bytes(server.process.pid)
-        report.server_rss_breakdown_start = rss_breakdown(server.process.pid)
-        report.server_open_files_start = open_files(server.process.pid)
+        pid = server.process.pid
+        report.server_rss_start = tree_rss_bytes(pid)
+        report.server_rss_breakdown_start = _tree_breakdown(pid)
+        report.server_open_files_start = sum(map(open_files, tree_pids(pid)))
         for _ in range(rounds):
             await run_round(seconds, sample=True)
-            report.server_rss_after_each_round.append(rss_bytes(server.process.pid))
-            report.server_rss_breakdown_after_each_round.append(rss_breakdown(server.process.pid))
-            report.server_open_files_after_each_round.append(open_files(server.process.pid))
+            report.server_rss_after_each_round.append(tree_rss_bytes(pid))
+            report.server_rss_breakdown_after_each_round.append(_tree_breakdown(pid))
+            report.server_open_files_after_each_round.append(sum(map(open_files, tree_pids(pid))))
         report.server_rss_end = report.server_rss_after_each_round[-1]
         async with httpx.AsyncClient() as http:
             stats = (await http.get(emulator.base_url.replace("/v1", "/_emulator/stats"))).json()
@@ -178,6 +196,7 @@ def main() -> None:
         default=1,
         help="repeat the load: a leak grows round after round, a high-water mark does not",
     )
+    parser.add_argument("--workers", type=int, default=1, help="`serve --workers N`")
     options = parser.parse_args()
     report = asyncio.run(
         run_soak(
@@ -187,6 +206,7 @@ def main() -> None:
             chunk_delay_ms=options.chunk_delay_ms,
             rounds=options.rounds,
             warmup_seconds=options.warmup_seconds,
+            workers=options.workers,
         )
     )
     print(json.dumps(report.as_dict(), indent=2))

@@ -5,7 +5,8 @@ advice for Python servers is several processes. This supervisor reserves the por
 bound with SO_REUSEPORT and never listened on, so nothing else can take the port while a worker
 restarts), starts the workers, which bind the same port with SO_REUSEPORT so that the kernel
 spreads incoming connections over them, restarts a worker that dies, and on SIGTERM or SIGINT
-passes the signal on and waits for every worker's graceful shutdown. It never imports gRPC.
+passes the signal on and waits for every worker's graceful shutdown. It runs no gRPC itself
+and never builds the server.
 
 Workers share what a replica shares: the history store (SQLite in WAL mode, or PostgreSQL),
 revocations through it, and per-user limits through Redis.
@@ -41,6 +42,7 @@ _POLL_SECONDS = 0.2
 _FIRST_RESTART_DELAY = 1.0
 _MAX_RESTART_DELAY = 30.0
 _HEALTHY_AFTER_SECONDS = 60.0  # a worker up this long restarts with the first delay again
+_STARTING_SECONDS = 30.0  # exit status CANNOT_START this soon after a start: settings, port
 _EXTRA_STOP_SECONDS = 15.0  # beyond the workers' own drain and grace periods
 
 
@@ -160,7 +162,7 @@ class Supervisor:
             if code is None:
                 continue
             ran = now - worker.started_at
-            if code == CANNOT_START:
+            if code == CANNOT_START and ran < _STARTING_SECONDS:
                 return worker.index
             if ran >= _HEALTHY_AFTER_SECONDS:
                 worker.restart_delay = _FIRST_RESTART_DELAY
