@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -55,6 +56,7 @@ from bench.processes import (
     start_serve,
     tree_pids,
     tree_rss_bytes,
+    wait_for_workers,
 )
 
 TARGETS = ("bare", "direct", "healthagent")
@@ -186,10 +188,13 @@ class Targets:
         if target == WORKERS_TARGET:
             assert self.workers is not None, "start_workers first"
             return self.workers.address
-        return self.healthagent.address
+        if target == "healthagent":
+            return self.healthagent.address
+        raise ValueError(f"{target} is not a gRPC target")
 
     def start_workers(self, count: int) -> None:
         self.workers = start_serve(**_service_env(self.emulator), HEALTHAGENT_WORKERS=str(count))
+        wait_for_workers(self.workers, count)
 
     def stop_workers(self) -> None:
         if self.workers is not None:
@@ -406,8 +411,12 @@ OPEN_STREAMS_CLIENT = Path(__file__).with_name("open_streams_client.mjs")
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its live children."""
-    return sum(cpu_seconds(p) for p in tree_pids(pid))
+    """CPU time of a process and its live children (one that ends meanwhile counts 0)."""
+    total = 0.0
+    for member in tree_pids(pid):
+        with contextlib.suppress(FileNotFoundError):
+            total += cpu_seconds(member)
+    return total
 
 
 async def run_open_streams_client(

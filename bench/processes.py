@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -87,6 +88,41 @@ def start_serve(**env: str) -> ServeProcess:
         log_file.seek(0)
         raise RuntimeError(log_file.read().decode()) from None
     return ServeProcess(process, address, log_file, time.monotonic() - started)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP `port` (Linux /proc/net)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])  # state 0A is LISTEN
+    return inodes
+
+
+def listening_workers(server: ServeProcess) -> int:
+    """How many workers of `serve --workers N` listen on its port now."""
+    inodes = _listening_inodes(int(server.address.rsplit(":", 1)[1]))
+    count = 0
+    for pid in child_pids(server.process.pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            sockets = {
+                os.readlink(fd).removeprefix("socket:[").rstrip("]")
+                for fd in Path(f"/proc/{pid}/fd").iterdir()
+            }
+            count += bool(sockets & inodes)
+    return count
+
+
+def wait_for_workers(server: ServeProcess, count: int, timeout: float = 30.0) -> None:
+    """Wait until `count` workers of `serve --workers N` listen (the port answers as soon as
+    the first one does, whatever the log level)."""
+    deadline = time.monotonic() + timeout
+    while listening_workers(server) < count:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            raise TimeoutError(f"{count} workers did not come up:\n{server.log()[-4000:]}")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -176,5 +212,9 @@ def tree_pids(pid: int) -> list[int]:
 
 
 def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its live children."""
-    return sum(rss_bytes(p) for p in tree_pids(pid))
+    """Resident memory of a process and its live children (one that ends meanwhile counts 0)."""
+    total = 0
+    for member in tree_pids(pid):
+        with contextlib.suppress(FileNotFoundError, KeyError):  # gone, or a zombie by now
+            total += rss_bytes(member)
+    return total

@@ -29,6 +29,7 @@ from bench.processes import (
     start_serve,
     tree_pids,
     tree_rss_bytes,
+    wait_for_workers,
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -120,6 +121,8 @@ async def run_soak(
         HEALTHAGENT_LOG_LEVEL="warning",
         HEALTHAGENT_WORKERS=str(workers),
     )
+    if workers > 1:
+        wait_for_workers(server, workers)
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
     # the kernel spreads connections, not calls, over workers: a few connections each

@@ -212,3 +212,43 @@ async def test_sqlite_group_commit_undoes_a_failing_write_alone(tmp_path: Path) 
             assert [m.text for m in conversation.messages] == [f"m{i}", ""]
         # the writes queued together went in fewer transactions than writes
         assert store.commits < 21
+
+
+async def test_sqlite_processes_sharing_a_file_hear_each_others_revocations(
+    tmp_path: Path,
+) -> None:
+    """`serve --workers`: each worker has its own store on the one file and polls it. A stamp
+    left by a clock that ran ahead must not hide the revocations after it."""
+    path = tmp_path / "shared.db"
+    revoker = SQLiteStore(path, revocation_poll_seconds=0.05)
+    listener = SQLiteStore(path, revocation_poll_seconds=0.05)
+    await revoker.open()
+    await listener.open()
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    try:
+        for session, user in (("cks_ahead", "zed"), ("cks_a", "ann"), ("cks_b", "bob")):
+            await revoker.record_session(session, user, "chatkit", later)
+        # zed was revoked by a process whose clock was an hour ahead
+        ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        db = sqlite3.connect(path)
+        with db:
+            db.execute(
+                "UPDATE upstream_sessions SET revoked_at = ? WHERE id = ?", [ahead, "cks_ahead"]
+            )
+        db.close()
+        heard: list[str] = []
+
+        async def hear(user: str) -> None:
+            heard.append(user)
+
+        await listener.listen_revocations(hear)  # from the newest stamp on: zed's is old news
+        await revoker.revoke_sessions("ann")
+        await revoker.revoke_sessions("bob")
+        for _ in range(100):
+            if len(heard) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == ["ann", "bob"]
+    finally:
+        await listener.close()
+        await revoker.close()

@@ -25,6 +25,7 @@ from bench.processes import (
     free_port,
     start_emulator_process,
     start_serve,
+    wait_for_workers,
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -53,6 +54,7 @@ def emulator() -> Iterator[EmulatorProcess]:
 @pytest.fixture
 def workers(emulator: EmulatorProcess) -> Iterator[ServeProcess]:
     server = start_serve(**emulator.service_env(), **NO_LIMITS, HEALTHAGENT_WORKERS="2")
+    wait_for_workers(server, 2)
     yield server
     if server.process.poll() is None:
         assert server.terminate() == 0
@@ -127,17 +129,19 @@ def test_a_worker_that_dies_is_replaced(
     supervisor = workers.process.pid
     victim = min(children(supervisor))
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        now = children(supervisor)
-        if len(now) == 2 and victim not in now:
-            break
-        time.sleep(0.1)
+    deadline = time.monotonic() + 20
+    while victim in children(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wait_for_workers(workers, 2)  # the survivor and the replacement
     assert victim not in children(supervisor) and len(children(supervisor)) == 2
-    for index in range(8):  # new connections are answered (by whichever worker listens)
+    # the replacement answers new connections: a third worker id (a new process) appears
+    seen = set(stub_per_worker)
+    for index in range(40):
         with grpc.insecure_channel(workers.address, options=[("test.after", index)]) as channel:
-            stub = pb_grpc.HealthAgentStub(channel)
-            assert worker_id(stub)
+            seen.add(worker_id(pb_grpc.HealthAgentStub(channel)))
+        if len(seen) == 3:
+            break
+    assert len(seen) == 3, "no connection reached the replacement"
     assert "worker exited; restarting" in workers.log()
 
 
@@ -179,8 +183,7 @@ def test_each_worker_serves_its_metrics_on_its_own_port(emulator: EmulatorProces
 def test_sigterm_stops_the_workers_and_the_supervisor(workers: ServeProcess) -> None:
     pids = children(workers.process.pid)
     assert workers.terminate() == 0
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
+    assert not any(_running(pid) for pid in pids)
     assert workers.log().count('"stopped"') >= 3  # each worker, then the supervisor
 
 
@@ -190,17 +193,22 @@ def test_workers_stop_when_the_supervisor_is_killed(workers: ServeProcess) -> No
     workers.process.wait(10)
     deadline = time.monotonic() + 30
     try:
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while time.monotonic() < deadline and any(_running(pid) for pid in pids):
             time.sleep(0.1)
-        assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "orphaned workers"
+        assert not any(_running(pid) for pid in pids), "orphaned workers"
     finally:
         for pid in pids:  # leave nothing behind when it fails
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for a PID 1 that may never reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "zombie" not in status.split("State:")[1].split("\n")[0].lower()
 
 
 def _serve_exit(env: dict[str, str], listen: str) -> subprocess.CompletedProcess[str]:
@@ -221,6 +229,15 @@ def test_workers_refuse_what_they_cannot_share(emulator: EmulatorProcess) -> Non
     in_memory = _serve_exit({**emulator.service_env(), "HEALTHAGENT_WORKERS": "2"}, listen)
     assert in_memory.returncode == 2
     assert "HEALTHAGENT_REDIS_URL" in in_memory.stdout + in_memory.stderr
+
+
+def test_a_second_group_of_workers_cannot_share_the_port(
+    emulator: EmulatorProcess, workers: ServeProcess
+) -> None:
+    env = {**emulator.service_env(), **NO_LIMITS, "HEALTHAGENT_WORKERS": "2"}
+    second = _serve_exit(env, workers.address)
+    assert second.returncode == 2
+    assert "Address already in use" in second.stdout + second.stderr
 
 
 def test_workers_refuse_a_port_another_program_holds(emulator: EmulatorProcess) -> None:

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from pydantic import ValidationError
 
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
-from healthagent_service.config import DEFAULT_LISTEN, Settings
+from healthagent_service.config import DEFAULT_LISTEN, MAX_WORKERS, Settings
 from healthagent_service.listen import parse_listen
 from healthagent_service.logging import configure_logging
 from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
@@ -25,10 +25,10 @@ DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
 DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
 
 
-def _positive(text: str) -> int:
+def _worker_count(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_WORKERS}, got {value}")
     return value
 
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_positive,
+        type=_worker_count,
         help="server processes sharing the port, one per core (default HEALTHAGENT_WORKERS or 1)",
     )
     chat = commands.add_parser("chat", help="send one message and print the reply as it streams")

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MAX_WORKERS = 256
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 EMULATOR_WORKFLOW_ID = "wf_emulator"
@@ -103,7 +104,7 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, alias="HEALTHAGENT_DATABASE_POOL_SIZE")
 
     listen: str = Field(default=DEFAULT_LISTEN, alias="HEALTHAGENT_LISTEN")
-    workers: int = Field(default=1, ge=1, le=256, alias="HEALTHAGENT_WORKERS")
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS, alias="HEALTHAGENT_WORKERS")
     # set by the supervisor of `serve --workers N` in each worker's environment, never by hand
     worker_index: int | None = Field(default=None, ge=0, alias="HEALTHAGENT_WORKER_INDEX")
     metrics_listen: str = Field(default="", alias="HEALTHAGENT_METRICS_LISTEN")

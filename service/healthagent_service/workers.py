@@ -42,7 +42,8 @@ _POLL_SECONDS = 0.2
 _FIRST_RESTART_DELAY = 1.0
 _MAX_RESTART_DELAY = 30.0
 _HEALTHY_AFTER_SECONDS = 60.0  # a worker up this long restarts with the first delay again
-_STARTING_SECONDS = 30.0  # exit status CANNOT_START this soon after a start: settings, port
+_STARTING_SECONDS = 30.0  # exit status CANNOT_START this soon after a first start: settings
+_MAX_QUICK_FAILURES = 5  # a worker dying this often in a row, each before it was healthy
 _EXTRA_STOP_SECONDS = 15.0  # beyond the workers' own drain and grace periods
 
 
@@ -68,10 +69,14 @@ def worker_problems(settings: Settings) -> list[str]:
 @contextlib.contextmanager
 def reserved_port(host: str, port: int) -> Iterator[int]:
     """Hold `host:port` (port 0 picks one) with SO_REUSEPORT for as long as the workers run;
-    yield the port. Fails as a taken port fails if another program holds it."""
+    yield the port. Raises OSError (address in use) if anything holds the port already, even
+    with SO_REUSEPORT: another worker group on the same port must fail, not share it."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEPORT: fails if taken
+        probe.bind(address)
+        address = (address[0], probe.getsockname()[1], *address[2:])
     holder = socket.socket(family, kind, proto)
     try:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -103,6 +108,8 @@ class _Worker:
     started_at: float = 0.0
     restart_at: float | None = None
     restart_delay: float = _FIRST_RESTART_DELAY
+    starts: int = 0
+    quick_failures: int = 0  # exits in a row before `_HEALTHY_AFTER_SECONDS`
 
 
 class Supervisor:
@@ -127,6 +134,7 @@ class Supervisor:
         worker.process = subprocess.Popen(self._command(), env=env)
         worker.started_at = time.monotonic()
         worker.restart_at = None
+        worker.starts += 1
         log.info("worker started", worker=worker.index, pid=worker.process.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -137,20 +145,25 @@ class Supervisor:
         """Until SIGTERM or SIGINT; the exit status for the command."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        for worker in self._workers:
-            self._start(worker)
-        log.info("supervising", workers=self._count, address=self._address, pid=os.getpid())
-        while self._stop_signal is None:
-            failed = self._check_workers()
-            if failed is not None:
-                log.error("a worker cannot start; stopping", worker=failed)
-                self._stop(signal.SIGTERM)
-                return CANNOT_START
-            time.sleep(_POLL_SECONDS)
+        try:
+            for worker in self._workers:
+                self._start(worker)
+            log.info("supervising", workers=self._count, address=self._address, pid=os.getpid())
+            while self._stop_signal is None:
+                failed = self._check_workers()
+                if failed is not None:
+                    self._stop(signal.SIGTERM)
+                    return failed
+                time.sleep(_POLL_SECONDS)
+        except BaseException:
+            self._stop(signal.SIGTERM)  # never leave workers behind
+            raise
         return self._stop(self._stop_signal)
 
     def _check_workers(self) -> int | None:
-        """Restart dead workers when due; the index of one that cannot start, if any."""
+        """Restart dead workers when due; the command's exit status when it must give up:
+        CANNOT_START when a worker cannot start at all (settings, port), 1 when one keeps
+        dying before it is healthy (so that systemd or Kubernetes see the failure)."""
         now = time.monotonic()
         for worker in self._workers:
             process = worker.process
@@ -162,10 +175,22 @@ class Supervisor:
             if code is None:
                 continue
             ran = now - worker.started_at
-            if code == CANNOT_START and ran < _STARTING_SECONDS:
-                return worker.index
+            if code == CANNOT_START and ran < _STARTING_SECONDS and worker.starts == 1:
+                log.error("a worker cannot start; stopping", worker=worker.index)
+                return CANNOT_START
             if ran >= _HEALTHY_AFTER_SECONDS:
                 worker.restart_delay = _FIRST_RESTART_DELAY
+                worker.quick_failures = 0
+            else:
+                worker.quick_failures += 1
+                if worker.quick_failures >= _MAX_QUICK_FAILURES:
+                    log.error(
+                        "a worker keeps failing; stopping",
+                        worker=worker.index,
+                        failures=worker.quick_failures,
+                        exit_code=code,
+                    )
+                    return 1
             worker.restart_at = now + worker.restart_delay
             log.error(
                 "worker exited; restarting",
@@ -193,8 +218,9 @@ class Supervisor:
                 process.kill()
                 code = process.wait()
                 log.error("worker did not stop in time; killed", pid=process.pid)
-            # -signum: it was still starting, before its handlers, so it held no call
-            clean = clean and code in (0, -signum)
+            # killed by the signal, or Python's status for SIGINT (128 + 2): it was still
+            # starting, before its handlers, so it held no call
+            clean = clean and code in (0, -signum, 128 + signum)
         log.info("stopped")
         return 0 if clean else 1
 

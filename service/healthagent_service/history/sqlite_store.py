@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -410,7 +410,13 @@ class SQLiteStore(ConversationStore):
 
     async def revoke_sessions(self, user: str) -> list[tuple[str, str]]:
         def write(db: sqlite3.Connection) -> list[tuple[str, str]]:
-            stamp = _ts(now())
+            # After every stamp already written, even if the clock stepped back: other
+            # processes read revocations as "stamped after the newest one seen".
+            newest = _newest_revocation(db)
+            at = now()
+            if newest and _dt(newest) >= at:
+                at = _dt(newest) + timedelta(microseconds=1)
+            stamp = _ts(at)
             rows = db.execute(
                 "SELECT id, kind FROM upstream_sessions WHERE user_id = ? AND revoked_at IS NULL"
                 " AND expires_at > ?",
@@ -426,8 +432,8 @@ class SQLiteStore(ConversationStore):
         return await self._write(write)
 
     async def listen_revocations(self, listener: RevocationListener) -> None:
-        if self._revocation_poll_seconds is None:
-            return  # a single process: no one else revokes
+        if self._revocation_poll_seconds is None or self._revocation_poller is not None:
+            return  # a single process (no one else revokes), or listening already
         since = await self._run(_newest_revocation)
         self._revocation_poller = asyncio.create_task(self._poll_revocations(listener, since))
 
@@ -487,7 +493,9 @@ def _enable_wal(db: sqlite3.Connection) -> None:
 
 
 def _newest_revocation(db: sqlite3.Connection) -> str:
-    row = db.execute("SELECT max(revoked_at) FROM upstream_sessions").fetchone()
+    row = db.execute(
+        "SELECT max(revoked_at) FROM upstream_sessions WHERE revoked_at IS NOT NULL"
+    ).fetchone()
     return str(row[0]) if row[0] is not None else ""
 
 
