@@ -240,6 +240,25 @@ def test_a_second_group_of_workers_cannot_share_the_port(
     assert "Address already in use" in second.stdout + second.stderr
 
 
+def test_workers_that_keep_dying_stop_the_supervisor(
+    emulator: EmulatorProcess, tmp_path: Path
+) -> None:
+    """A corrupt history file kills every worker at start (status 1, not "cannot start"):
+    after five quick deaths in a row the supervisor gives up with 1, so that systemd or
+    Kubernetes see it, instead of holding a port that nobody serves."""
+    (tmp_path / "healthagent.db").write_bytes(b"this is not a database" * 100)
+    env = {
+        **emulator.service_env(),
+        **NO_LIMITS,
+        "HEALTHAGENT_WORKERS": "2",
+        "HEALTHAGENT_DATA_DIR": str(tmp_path),
+    }
+    result = _serve_exit(env, f"127.0.0.1:{free_port()}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "a worker keeps failing" in output and output.count("worker exited; restarting") >= 4
+
+
 def test_workers_refuse_a_port_another_program_holds(emulator: EmulatorProcess) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
