@@ -202,10 +202,8 @@ class Targets:
             self.workers = None
 
     def client(self, target: str, streams: int) -> TurnClient:
-        if target == "bare":
-            return GrpcTurns(self.bare_address, streams)
-        if target == "healthagent":
-            return GrpcTurns(self.healthagent.address, streams)
+        if target != "direct":
+            return GrpcTurns(self.address(target), streams)
         return DirectTurns(
             self.emulator.base_url, self.emulator.api_key, self.workflow, streams=streams
         )
@@ -365,7 +363,7 @@ def paced_run(
 async def measure_mint(
     targets: Targets, target: str, concurrency: int, seconds: float
 ) -> MintResult:
-    address = targets.bare_address if target == "bare" else targets.healthagent.address
+    address = targets.address(target)
     client = GrpcTurns(address, concurrency)
     users = [f"mint-{i}" for i in range(concurrency)]
     result = MintResult(target, concurrency)

@@ -213,8 +213,23 @@ def tree_pids(pid: int) -> list[int]:
 
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and its live children (one that ends meanwhile counts 0)."""
-    total = 0
+    return sum(tree_rss_breakdown(pid).values())
+
+
+def tree_rss_breakdown(pid: int) -> dict[str, int]:
+    """`rss_breakdown` summed over a process and its live children."""
+    total: dict[str, int] = {}
     for member in tree_pids(pid):
         with contextlib.suppress(FileNotFoundError, KeyError):  # gone, or a zombie by now
-            total += rss_bytes(member)
+            for kind, size in rss_breakdown(member).items():
+                total[kind] = total.get(kind, 0) + size
+    return total
+
+
+def tree_open_files(pid: int) -> int:
+    """`open_files` summed over a process and its live children."""
+    total = 0
+    for member in tree_pids(pid):
+        with contextlib.suppress(FileNotFoundError):
+            total += open_files(member)
     return total

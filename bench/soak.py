@@ -23,11 +23,10 @@ import grpc
 import httpx
 
 from bench.processes import (
-    open_files,
-    rss_breakdown,
     start_emulator_process,
     start_serve,
-    tree_pids,
+    tree_open_files,
+    tree_rss_breakdown,
     tree_rss_bytes,
     wait_for_workers,
 )
@@ -71,13 +70,6 @@ class SoakReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "memory_growth": round(self.memory_growth, 4)}
-
-
-def _tree_breakdown(pid: int) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for member in tree_pids(pid):
-        total.update(rss_breakdown(member))
-    return dict(total)
 
 
 async def _turn(stub: pb_grpc.HealthAgentStub, user: str, drop: bool) -> str:
@@ -159,13 +151,13 @@ async def run_soak(
         await run_round(warmup_seconds, sample=False)
         pid = server.process.pid
         report.server_rss_start = tree_rss_bytes(pid)
-        report.server_rss_breakdown_start = _tree_breakdown(pid)
-        report.server_open_files_start = sum(map(open_files, tree_pids(pid)))
+        report.server_rss_breakdown_start = tree_rss_breakdown(pid)
+        report.server_open_files_start = tree_open_files(pid)
         for _ in range(rounds):
             await run_round(seconds, sample=True)
             report.server_rss_after_each_round.append(tree_rss_bytes(pid))
-            report.server_rss_breakdown_after_each_round.append(_tree_breakdown(pid))
-            report.server_open_files_after_each_round.append(sum(map(open_files, tree_pids(pid))))
+            report.server_rss_breakdown_after_each_round.append(tree_rss_breakdown(pid))
+            report.server_open_files_after_each_round.append(tree_open_files(pid))
         report.server_rss_end = report.server_rss_after_each_round[-1]
         async with httpx.AsyncClient() as http:
             stats = (await http.get(emulator.base_url.replace("/v1", "/_emulator/stats"))).json()

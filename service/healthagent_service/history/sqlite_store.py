@@ -414,8 +414,8 @@ class SQLiteStore(ConversationStore):
             # processes read revocations as "stamped after the newest one seen".
             newest = _newest_revocation(db)
             at = now()
-            if newest and _dt(newest) >= at:
-                at = _dt(newest) + timedelta(microseconds=1)
+            if newest:
+                at = max(at, _dt(newest) + timedelta(microseconds=1))
             stamp = _ts(at)
             rows = db.execute(
                 "SELECT id, kind FROM upstream_sessions WHERE user_id = ? AND revoked_at IS NULL"
