@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
             "--mint-seconds",
             "0.3",
             "--mint-rounds",
-            "1",
+            "2",
             "--open-streams",
             "20",
             "--open-seconds",
@@ -78,6 +79,11 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     mints = {m["target"]: m for m in report["mint"]}
     assert set(mints) == {"bare", "healthagent"}
     assert all(m["requests"] > 0 and m["errors"] == {} for m in mints.values())
+    assert all(m["rounds"] == 2 and len(m["rounds_rps"]) == 2 for m in mints.values())
+    # one ratio per round, of the two runs side by side; the target reads their median
+    round_ratios = report["mint_round_ratios"]
+    assert len(round_ratios) == 2 and all(r > 0 for r in round_ratios)
+    assert report["targets"]["mint_rps_vs_bare"]["ratio"] == statistics.median(round_ratios)
 
     opened = {o["target"]: o for o in report["open_streams"]}
     assert list(opened) == ["bare", "healthagent", "healthagent-workers"]

@@ -8,7 +8,7 @@ import itertools
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 Response = TypeVar("Response")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Metadata = Iterable[tuple[str, Any]]  # a tuple from the gRPC core: read it more than once
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -53,19 +54,21 @@ _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count(1)
 
 
-def _request_id(context: Context) -> str:
+def _request_id(metadata: Metadata) -> str:
     """The caller's x-request-id if it is sane, else a new one."""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
-def _begin(context: Context, rpc: str) -> tuple[float, tuple[tuple[str, str]]]:
-    """Start time and the request id's metadata; the id is on every log line of the call."""
-    request_id = _request_id(context)
+def _begin(context: Context, rpc: str) -> tuple[float, Metadata, tuple[tuple[str, str]]]:
+    """Start time, the caller's metadata (read once: each read converts it from the gRPC
+    core anew) and the request id's metadata; the id is on every log line of the call."""
+    metadata = context.invocation_metadata() or ()
+    request_id = _request_id(metadata)
     structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
-    return time.perf_counter(), ((REQUEST_ID_KEY, request_id),)
+    return time.perf_counter(), metadata, ((REQUEST_ID_KEY, request_id),)
 
 
 async def _fail(context: Context, error: HealthAgentError, started: float) -> NoReturn:
@@ -172,6 +175,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         self._shutting_down = False
         # one timer for every stream's write limit, not one per write
         self._watchdog = Watchdog(resolution=min(1.0, client_stall_seconds / 4))
+        # The module's logger, resolved once: each call through structlog's lazy proxy binds
+        # anew, which costs a line that the level filters out four times what the line costs.
+        self._log = log.bind()
 
     @property
     def active_chats(self) -> int:
@@ -228,19 +234,19 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     ) -> Response:
         """Run a unary handler's work with a request id, the caller's identity, logging and
         error mapping."""
-        started, request_id = _begin(context, rpc)
+        started, metadata, request_id = _begin(context, rpc)
         # A unary call's headers and trailers reach the caller together, and trailers ride in
         # the same gRPC batch as the answer; headers sent first cost their own batch and
         # write, about a fifth of a MintSession's server time (docs/benchmarks.md).
         context.set_trailing_metadata(request_id)
         try:
-            principal = await self._auth.authenticate(context.invocation_metadata())
+            principal = await self._auth.authenticate(metadata)
             response = await work(principal)
         except HealthAgentError as error:
             await self._fail(context, error, started)
         except Exception as exc:
             await self._fail(context, _internal(exc), started)
-        log.info("rpc finished", duration_ms=_ms_since(started))
+        self._log.info("rpc finished", duration_ms=_ms_since(started))
         return response
 
     # -- MintSession -----------------------------------------------------------------------
@@ -253,7 +259,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             await self._admit(principal, mint.user)
             session = await self._mint(mint)
             ttl = max(0, int(session.expires_at.timestamp() - time.time()))
-            log.info(
+            self._log.info(
                 "session handed out",
                 session_id=session.id,
                 user=mint.user,
@@ -295,7 +301,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     async def Chat(  # noqa: N802 - the name is the RPC's
         self, request: pb.ChatRequest, context: Context
     ) -> None:
-        started, request_id = _begin(context, "Chat")
+        started, metadata, request_id = _begin(context, "Chat")
         # in the headers, so the caller has it before the first event
         await context.send_initial_metadata(request_id)
         clock = time.perf_counter
@@ -312,10 +318,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         # a caller that takes no message in time: the watchdog cancels this handler
         stall = Deadline(handler.cancel if handler is not None else lambda: None)
         try:
-            principal = await self._auth.authenticate(context.invocation_metadata())
+            principal = await self._auth.authenticate(metadata)
             turn = validation.chat_request(request, self._max_message_bytes)
             await self._admit(principal, turn.user)
-            log.info(
+            self._log.info(
                 "chat started",
                 user=turn.user,
                 device_id=turn.device_id,
@@ -383,8 +389,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             if handler is not None:
                 self._active_chats.discard(handler)
             if not ended:
-                log.info("chat cancelled", events=events, duration_ms=_ms_since(started))
-        log.info("chat finished", events=events, duration_ms=_ms_since(started))
+                self._log.info("chat cancelled", events=events, duration_ms=_ms_since(started))
+        self._log.info("chat finished", events=events, duration_ms=_ms_since(started))
 
     # -- history ---------------------------------------------------------------------------
 
