@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import ipaddress
 import secrets
 import signal
@@ -407,10 +406,6 @@ async def serve(settings: Settings, listen: str | None = None) -> None:
             "authenticate."
         )
     running = await create_server(settings, listen)
-    # What start-up built (modules, settings, clients) lives as long as the process: take it
-    # out of the garbage collector's view, so its full collections walk only what calls made.
-    gc.collect()
-    gc.freeze()
     log.info(
         "serving",
         listen=listen or settings.listen,

@@ -107,7 +107,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._streaming = False  # status 200: the body is decoded as events
         self._body = bytearray()  # any other status: the body is kept, up to _MAX_BODY_BYTES
         self._notify = False  # something a reader waits for has arrived
-        self._events: deque[bytes] = deque()
+        self._events: list[bytes] = []  # handed over whole, a new list put in its place
         self._queued = 0
         self._paused = False
         self._complete = False  # the whole response has arrived
@@ -199,7 +199,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if events:
             self._events.extend(events)
-            self._queued += sum(len(data) for data in events)
+            self._queued += sum(map(len, events))
             self._notify = True
 
     def on_message_complete(self) -> None:
@@ -245,8 +245,8 @@ class _Connection(asyncio.BufferedProtocol):
                     raise httpx.ReadError("connection lost")
                 return []
             await self._wait()
-        events = list(self._events)
-        self._events.clear()
+        events = self._events
+        self._events = []
         self._queued = 0
         if self._paused and self.transport is not None:
             self._paused = False
