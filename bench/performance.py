@@ -197,7 +197,7 @@ class Targets:
         raise ValueError(f"{target} is not a gRPC target")
 
     def start_workers(self, count: int) -> None:
-        self.workers = start_serve(**_service_env(self.emulator), HEALTHAGENT_WORKERS=str(count))
+        self.workers = start_serve(**load_test_env(self.emulator), HEALTHAGENT_WORKERS=str(count))
         wait_for_workers(self.workers, count)
 
     def stop_workers(self) -> None:
@@ -220,7 +220,7 @@ class Targets:
         self.emulator.stop()
 
 
-def _service_env(emulator: EmulatorProcess) -> dict[str, str]:
+def load_test_env(emulator: EmulatorProcess) -> dict[str, str]:
     """`serve` in front of the emulator, as for any load test: no per-user limits, warnings
     only in the log."""
     return {
@@ -235,7 +235,7 @@ def _service_env(emulator: EmulatorProcess) -> dict[str, str]:
 def start_targets() -> Targets:
     workflow = WORKFLOW
     emulator = start_emulator_process(chunk_delay_ms="0", workflow=workflow)
-    healthagent = start_serve(**_service_env(emulator))
+    healthagent = start_serve(**load_test_env(emulator))
     bare = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.PIPE,

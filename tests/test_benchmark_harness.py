@@ -1,4 +1,5 @@
-"""The performance harness runs end to end at a tiny size and reports every figure.
+"""The performance harness and the instruction counts run end to end at a tiny size and report
+every figure.
 
 Timings are not asserted here (shared, noisy machines); `docs/benchmarks.md` has the figures.
 """
@@ -17,6 +18,12 @@ import grpc
 from bench.performance import TARGETS, start_targets
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+
+FIGURES = (  # of bench.instructions
+    "instructions_per_mint",
+    "instructions_per_chunk_unpaced",
+    "instructions_per_chunk_paced",
+)
 
 
 def test_harness_reports_every_figure(tmp_path: Path) -> None:
@@ -124,6 +131,48 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     )
     assert replotted.returncode == 0, replotted.stderr[-4000:]
     assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_instruction_counts_report_every_figure(tmp_path: Path) -> None:
+    """`bench.instructions` at a tiny size: both servers counted under callgrind (on every
+    machine kind), every figure a positive count, the ratios of the two."""
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--mint-calls",
+            "16",
+            "--turns",
+            "1",
+            "--callers",
+            "2",
+            "--paced-callers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads((tmp_path / "instructions.json").read_text())
+    counts = {c["target"]: c for c in report["counts"]}
+    assert list(counts) == ["bare", "healthagent"]
+    for target in counts.values():
+        assert target["mint_calls"] == 16
+        # every turn ended OK with its 100 chunks
+        assert target["unpaced_chunks"] == 2 * 100 and target["paced_chunks"] == 100
+        for figure in FIGURES:
+            # more than a Python call costs, far less than a second of CPU
+            assert 10_000 < target[figure] < 100_000_000, (target["target"], figure)
+    assert set(report["ratios"]) == set(FIGURES)
+    for figure in FIGURES:
+        expected = counts["healthagent"][figure] / counts["bare"][figure]
+        assert report["ratios"][figure] == round(expected, 3)
+    assert "| healthagent / bare |" in finished.stdout
 
 
 async def test_the_ceiling_streams_the_same_messages_as_healthagent() -> None:
