@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 Response = TypeVar("Response")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Metadata = Iterable[tuple[str, Any]]  # a tuple from the gRPC core: read it more than once
+Metadata = Iterable[tuple[str, Any]]  # the core's tuple, so it can be iterated twice
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
