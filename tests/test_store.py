@@ -185,21 +185,40 @@ async def test_revocations_missed_while_the_listener_was_down_are_applied(
         assert "nina" in heard  # the watchdog reconnected and caught up from the table
 
 
+def _half_a_turn_then_a_failure(db: sqlite3.Connection) -> None:
+    db.execute(
+        "INSERT INTO conversations (id, user_id, upstream, upstream_id, created_at,"
+        " updated_at) VALUES ('thr_bad', 'alice', 'chatkit', 'x', 'now', 'now')"
+    )
+    raise sqlite3.IntegrityError("refused")
+
+
+async def test_sqlite_write_alone_in_its_transaction_is_undone_when_it_fails(
+    tmp_path: Path,
+) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+        commits = store.commits
+        with pytest.raises(sqlite3.IntegrityError):
+            await store._write(_half_a_turn_then_a_failure)
+        assert store.commits == commits
+        assert await store.get_conversation("alice", "thr_bad") is None
+        # the connection is left outside any transaction: the next write goes through
+        assert await store.begin_turn(user_turn("thr_next", "after")) is not None
+        assert await store.get_conversation("alice", "thr_next") is not None
+        assert store.commits == commits + 1
+
+
 async def test_sqlite_group_commit_undoes_a_failing_write_alone(tmp_path: Path) -> None:
     async with open_store("sqlite", tmp_path) as store:
         assert isinstance(store, SQLiteStore)
 
-        def failing(db: sqlite3.Connection) -> None:
-            # half a turn, then a failure: none of it may stay
-            db.execute(
-                "INSERT INTO conversations (id, user_id, upstream, upstream_id, created_at,"
-                " updated_at) VALUES ('thr_bad', 'alice', 'chatkit', 'x', 'now', 'now')"
-            )
-            raise sqlite3.IntegrityError("refused")
-
         turns = [store.begin_turn(user_turn(f"thr_{i}", f"m{i}")) for i in range(20)]
         results = await asyncio.gather(
-            *turns[:10], store._write(failing), *turns[10:], return_exceptions=True
+            *turns[:10],
+            store._write(_half_a_turn_then_a_failure),
+            *turns[10:],
+            return_exceptions=True,
         )
         assert isinstance(results[10], sqlite3.IntegrityError)
         assert all(isinstance(r, str) for r in results[:10] + results[11:])

@@ -7,7 +7,7 @@ Hot-path cost is kept off the per-chunk path: a stream's counts are added once, 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,17 @@ from prometheus_client.registry import Collector
 from healthagent_service.upstream.session_pool import SessionPool
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class StreamMetrics(NamedTuple):
+    """The children a Chat stream updates when it ends, their labels resolved once: each
+    `labels()` call locks and looks up (about a fifth of what the metrics cost a turn)."""
+
+    time_to_first_chunk: Histogram
+    added_latency: Histogram
+    relayed_chunks: Counter
+    input_tokens: Counter
+    output_tokens: Counter
 
 
 class Metrics:
@@ -63,6 +74,16 @@ class Metrics:
             "Tokens the upstream reported, by workflow or model.",
             ["workflow", "direction"],
             registry=self.registry,
+        )
+
+    def for_streams(self, upstream: str, workflow: str) -> StreamMetrics:
+        """What streams of `upstream` (its workflow or model `workflow`) update."""
+        return StreamMetrics(
+            self.time_to_first_chunk.labels(upstream),
+            self.added_latency.labels(upstream),
+            self.relayed_chunks.labels(upstream),
+            self.tokens.labels(workflow, "input"),
+            self.tokens.labels(workflow, "output"),
         )
 
     def watch_pools(self, pools: dict[str, SessionPool]) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
@@ -24,6 +22,7 @@ from healthagent_service.errors import ErrorKind, HealthAgentError, conversation
 from healthagent_service.history import export
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.store import ConversationStore
+from healthagent_service.ids import UniqueIds
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
 from healthagent_service.security.auth import Authenticator, Principal
@@ -49,10 +48,8 @@ REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-# New request ids: 16 random hex digits per process, then a counter (32 hex digits in all, like
-# a UUID's): unique across replicas and restarts without a random draw (a system call) per call.
-_ID_PREFIX = secrets.token_hex(8)
-_id_counter = itertools.count(1)
+# new request ids: 32 hex digits, like a UUID's, without a random draw per call
+_new_request_id = UniqueIds()
 
 
 def _request_id(metadata: Metadata) -> str:
@@ -60,7 +57,7 @@ def _request_id(metadata: Metadata) -> str:
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+    return _new_request_id()
 
 
 def _begin(context: Context, rpc: str) -> tuple[float, Metadata, tuple[tuple[str, str]]]:
@@ -171,7 +168,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         self._max_message_bytes = max_message_bytes
         self._client_stall_seconds = client_stall_seconds
         self._metrics = metrics or Metrics()
-        self._upstream_name = upstream_name
+        workflow = chatkit.workflow_id if upstream_name == "chatkit" else realtime.model
+        self._stream_metrics = self._metrics.for_streams(upstream_name, workflow)
         self._active_chats: set[asyncio.Task[Any]] = set()
         self._shutting_down = False
         # one timer for every stream's write limit, not one per write
@@ -211,16 +209,15 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         completed: bool,
     ) -> None:
         """Add one finished stream to the metrics (once per stream, not per chunk)."""
-        metrics, upstream = self._metrics, self._upstream_name
+        metrics = self._stream_metrics
         if first_chunk_at is not None:
-            metrics.time_to_first_chunk.labels(upstream).observe(first_chunk_at - started)
-        metrics.relayed_chunks.labels(upstream).inc(events)
+            metrics.time_to_first_chunk.observe(first_chunk_at - started)
+        metrics.relayed_chunks.inc(events)
         if completed:
-            metrics.added_latency.labels(upstream).observe(time.perf_counter() - started - waited)
+            metrics.added_latency.observe(time.perf_counter() - started - waited)
         if usage is not None:
-            workflow = self._chatkit.workflow_id if upstream == "chatkit" else self._realtime.model
-            metrics.tokens.labels(workflow, "input").inc(usage.input_tokens)
-            metrics.tokens.labels(workflow, "output").inc(usage.output_tokens)
+            metrics.input_tokens.inc(usage.input_tokens)
+            metrics.output_tokens.inc(usage.output_tokens)
 
     async def _fail(self, context: Context, error: HealthAgentError, started: float) -> NoReturn:
         rpc = str(structlog.contextvars.get_contextvars().get("rpc", ""))

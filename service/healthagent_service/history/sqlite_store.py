@@ -171,6 +171,8 @@ class SQLiteStore(ConversationStore):
         if db is None:
             error = RuntimeError("store is not open")
             return [(done, error, False) for _, done in group]
+        if len(group) == 1:  # alone in its transaction: no savepoint needed to undo it alone
+            return [self._commit_one(db, group[0])]
         results: list[tuple[asyncio.Future[Any], Any, bool]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -194,6 +196,22 @@ class SQLiteStore(ConversationStore):
                     db.execute("ROLLBACK")
             return [(done, exc, False) for _, done in group]
         return results
+
+    def _commit_one(
+        self, db: sqlite3.Connection, write: _Write
+    ) -> tuple[asyncio.Future[Any], Any, bool]:
+        work, done = write
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+        except Exception as exc:  # nothing of it was written
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            return (done, exc, False)
+        self.commits += 1
+        return (done, result, True)
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:

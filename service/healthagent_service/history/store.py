@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from healthagent_service.history.models import (
     NewTurn,
     TurnOutcome,
 )
+from healthagent_service.ids import UniqueIds
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -28,8 +28,8 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def new_message_id() -> str:
-    return f"hamsg_{secrets.token_hex(12)}"
+# "hamsg_" and 24 hex digits: unique across processes and replicas sharing a database
+new_message_id = UniqueIds("hamsg_", counter_digits=8)
 
 
 def encode_page_token(user: str, updated_at: datetime, conversation_id: str) -> str:
