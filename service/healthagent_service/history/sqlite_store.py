@@ -12,6 +12,7 @@ turn before, docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -151,7 +152,9 @@ class SQLiteStore(ConversationStore):
             start = not self._committing
             self._committing = True
         if start:
-            loop.run_in_executor(self._executor, self._commit_groups, loop)
+            # submitted, not `run_in_executor`: its asyncio future, which nothing awaits, would
+            # cost the loop a second wake-up from the worker thread per group
+            self._executor.submit(self._commit_groups, loop).add_done_callback(_log_failure)
         return await done
 
     def _commit_groups(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -482,6 +485,13 @@ class SQLiteStore(ConversationStore):
             return row is not None and row[0] is not None
 
         return await self._run(query)
+
+
+def _log_failure(work: concurrent.futures.Future[None]) -> None:
+    """On the worker: a group commit loop that failed outside any write (its writes' callers
+    would wait for ever, so it must at least be seen)."""
+    if not work.cancelled() and work.exception() is not None:
+        log.error("history writer failed", error=repr(work.exception()))
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
