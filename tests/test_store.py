@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -193,14 +194,15 @@ def _half_a_turn_then_a_failure(db: sqlite3.Connection) -> None:
     raise sqlite3.IntegrityError("refused")
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["worker", "loop"])
 async def test_sqlite_write_alone_in_its_transaction_is_undone_when_it_fails(
-    tmp_path: Path,
+    tmp_path: Path, small: bool
 ) -> None:
     async with open_store("sqlite", tmp_path) as store:
         assert isinstance(store, SQLiteStore)
         commits = store.commits
         with pytest.raises(sqlite3.IntegrityError):
-            await store._write(_half_a_turn_then_a_failure)
+            await store._write(_half_a_turn_then_a_failure, small=small)
         assert store.commits == commits
         assert await store.get_conversation("alice", "thr_bad") is None
         # the connection is left outside any transaction: the next write goes through
@@ -209,17 +211,79 @@ async def test_sqlite_write_alone_in_its_transaction_is_undone_when_it_fails(
         assert store.commits == commits + 1
 
 
+@contextlib.contextmanager
+def write_lock_held(store: SQLiteStore) -> Iterator[sqlite3.Connection]:
+    """Another connection to the store's file holding its write lock, as another
+    `serve --workers` process does while it commits."""
+    other = sqlite3.connect(store._path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+
+
+async def test_sqlite_turn_writes_wait_off_the_loop_while_another_connection_writes(
+    tmp_path: Path,
+) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            with write_lock_held(store) as other:
+                begun = asyncio.create_task(store.begin_turn(user_turn("thr_1", "m")))
+                await asyncio.sleep(0.3)
+                assert not begun.done()  # waiting for the lock, in the worker
+                assert ticks >= 10  # and the loop ran meanwhile
+                other.execute("COMMIT")
+                message_id = await asyncio.wait_for(begun, 10)
+        finally:
+            ticker.cancel()
+        conversation = await store.get_conversation("alice", "thr_1")
+        assert conversation is not None
+        assert [m.id for m in conversation.messages][-1] == message_id
+
+
+async def test_sqlite_checkpoints_keep_the_wal_small(tmp_path: Path) -> None:
+    async with open_store("sqlite", tmp_path) as store:
+        assert isinstance(store, SQLiteStore)
+        for i in range(600):  # 1,200 commits on the loop, about 5,000 pages
+            message_id = await store.begin_turn(user_turn(f"thr_{i % 20}", f"m{i}"))
+            await store.finish_turn(
+                "alice", f"thr_{i % 20}", message_id, TurnOutcome(Status.COMPLETE, "a" * 500)
+            )
+            if i % 100 == 0:
+                await asyncio.sleep(0.01)  # the worker's checkpoint takes its turn
+        wal = store._path.with_name(store._path.name + "-wal")
+        assert wal.stat().st_size < 8 * 2**20
+
+
 async def test_sqlite_group_commit_undoes_a_failing_write_alone(tmp_path: Path) -> None:
     async with open_store("sqlite", tmp_path) as store:
         assert isinstance(store, SQLiteStore)
 
         turns = [store.begin_turn(user_turn(f"thr_{i}", f"m{i}")) for i in range(20)]
-        results = await asyncio.gather(
-            *turns[:10],
-            store._write(_half_a_turn_then_a_failure),
-            *turns[10:],
-            return_exceptions=True,
-        )
+        # while another connection writes, every write queues for the worker
+        with write_lock_held(store) as other:
+            writes = asyncio.gather(
+                *turns[:10],
+                store._write(_half_a_turn_then_a_failure),
+                *turns[10:],
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.2)
+            other.execute("COMMIT")
+            results = await writes
         assert isinstance(results[10], sqlite3.IntegrityError)
         assert all(isinstance(r, str) for r in results[:10] + results[11:])
         assert await store.get_conversation("alice", "thr_bad") is None

@@ -1,12 +1,23 @@
-"""The embedded store: one SQLite file in WAL mode, used from one worker thread.
+"""The embedded store: one SQLite file in WAL mode.
 
-SQLite allows one writer at a time. Writes are committed in groups: the worker takes every
-write queued since its last commit and runs them in one `BEGIN IMMEDIATE` ... `COMMIT`, each in
-its own savepoint, so a write that fails is undone alone and the others still commit. A turn's
-records are all there or not at all, even if the process is killed mid-write, and a write's
-caller resumes only once it is committed. Under load this is one transaction and one thread
-hand-off for many turns instead of one each (about a tenth of the server's time per streamed
-turn before, docs/benchmarks.md).
+SQLite allows one writer at a time. A turn's own writes (its start, its end, a minted session)
+are a few rows by key, and are committed on the event loop's own connection at once: about
+60 us each. Handed to a thread, each cost three times that in CPU, and under load far more, as
+every statement took the GIL back from the busy loop (docs/benchmarks.md). That connection never
+waits for the lock (busy timeout 0) and never checkpoints (an fsync). When another connection
+holds the write lock (another `serve --workers` process, or this one's worker thread), the write
+goes to the worker thread instead, like every read and every write whose size depends on the
+data.
+
+The worker commits in groups: every write queued since its last commit in one
+`BEGIN IMMEDIATE` ... `COMMIT`, each in its own savepoint, so a write that fails is undone alone
+and the others still commit. Every `CHECKPOINT_EVERY_COMMITS` commits on the loop it also
+checkpoints the WAL in RESTART mode: holding the write lock, so writes arriving meanwhile queue
+for the worker, and the next writer starts the WAL over. (A passive checkpoint beside ongoing
+writes never caught up with them, and the WAL grew without end.)
+
+A turn's records are all there or not at all, even if the process is killed mid-write, and a
+write's caller resumes only once it is committed.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -50,6 +61,9 @@ from healthagent_service.history.store import (
 log = structlog.get_logger(__name__)
 
 _OPEN_TIMEOUT_SECONDS = 30.0  # as long as a write waits for the file's lock
+# WAL frames are copied back into the file this often (SQLite's own default is about every
+# 1,000 pages, and a turn writes about 8)
+CHECKPOINT_EVERY_COMMITS = 100
 
 T = TypeVar("T")
 _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -134,6 +148,9 @@ class SQLiteStore(ConversationStore):
         self._writes_lock = threading.Lock()  # the queue and the flag, across the two threads
         self._committing = False  # a group commit is queued or running on the worker
         self.commits = 0  # transactions committed (each holds one or more writes)
+        self._loop_db: sqlite3.Connection | None = None  # the loop's own, for small writes
+        self._loop_commits_since_checkpoint = 0
+        self._checkpoint_pending = False
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -142,9 +159,14 @@ class SQLiteStore(ConversationStore):
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in a transaction (shared with the writes queued beside it) and return
-        its result once that transaction is committed."""
+    async def _write(self, work: Callable[[sqlite3.Connection], T], *, small: bool = False) -> T:
+        """Run `work` in a transaction and return its result once that is committed. `small`:
+        `work` writes a few rows by key, so it may run on the loop (the largest, a turn's end,
+        holds the answer's text: 100 KB of it is about 25 pages, a fifth of a millisecond)."""
+        if small and self._loop_db is not None:
+            result = self._commit_on_loop(self._loop_db, work)
+            if result is not _WRITE_LOCK_TAKEN:
+                return cast(T, result)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         with self._writes_lock:
@@ -200,6 +222,47 @@ class SQLiteStore(ConversationStore):
             return [(done, exc, False) for _, done in group]
         return results
 
+    def _commit_on_loop(
+        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
+    ) -> T | object:
+        """Commit `work` on the loop's connection, or `_WRITE_LOCK_TAKEN` when another
+        connection holds the write lock (nothing was done then); raises what `work` raises,
+        with nothing of it written."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                return _WRITE_LOCK_TAKEN
+            raise
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self._loop_commits_since_checkpoint += 1
+        if self._loop_commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+            self._checkpoint_soon()
+        return result
+
+    def _checkpoint_soon(self) -> None:
+        """Have the worker copy the WAL back into the file; at most one queued at a time."""
+        if self._checkpoint_pending:
+            return
+        self._checkpoint_pending = True
+        self._loop_commits_since_checkpoint = 0
+        self._executor.submit(self._checkpoint).add_done_callback(_log_failure)
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._db is not None:
+                self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+        finally:
+            self._checkpoint_pending = False
+
     def _commit_one(
         self, db: sqlite3.Connection, write: _Write
     ) -> tuple[asyncio.Future[Any], Any, bool]:
@@ -232,6 +295,13 @@ class SQLiteStore(ConversationStore):
 
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
         await self._write(_migrate)
+        # Opened on the loop, which alone uses it. It never waits for the lock (busy timeout
+        # 0: the write goes to the worker then) nor checkpoints (an fsync): the worker does.
+        loop_db = sqlite3.connect(self._path, isolation_level=None, timeout=0)
+        loop_db.execute("PRAGMA synchronous=NORMAL")
+        loop_db.execute("PRAGMA foreign_keys=ON")
+        loop_db.execute("PRAGMA wal_autocheckpoint=0")
+        self._loop_db = loop_db
 
     async def close(self) -> None:
         if self._revocation_poller is not None:
@@ -239,6 +309,9 @@ class SQLiteStore(ConversationStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._revocation_poller
             self._revocation_poller = None
+        if self._loop_db is not None:
+            self._loop_db.close()
+            self._loop_db = None
         if self._db is not None:
             await self._run(lambda db: db.close())
             self._db = None
@@ -323,7 +396,7 @@ class SQLiteStore(ConversationStore):
             )
             return assistant_id
 
-        return await self._write(write)
+        return await self._write(write, small=True)
 
     async def finish_turn(
         self, user: str, conversation_id: str, message_id: str, outcome: TurnOutcome
@@ -358,7 +431,7 @@ class SQLiteStore(ConversationStore):
                 ),
             )
 
-        await self._write(write)
+        await self._write(write, small=True)
 
     async def get_conversation(self, user: str, conversation_id: str) -> Conversation | None:
         def query(db: sqlite3.Connection) -> Conversation | None:
@@ -427,7 +500,7 @@ class SQLiteStore(ConversationStore):
                 (session_id, user, kind, _ts(expires_at), _ts(now())),
             )
 
-        await self._write(write)
+        await self._write(write, small=True)
 
     async def revoke_sessions(self, user: str) -> list[tuple[str, str]]:
         def write(db: sqlite3.Connection) -> list[tuple[str, str]]:
@@ -487,9 +560,12 @@ class SQLiteStore(ConversationStore):
         return await self._run(query)
 
 
+_WRITE_LOCK_TAKEN = object()  # another connection holds the file's write lock
+
+
 def _log_failure(work: concurrent.futures.Future[None]) -> None:
-    """On the worker: a group commit loop that failed outside any write (its writes' callers
-    would wait for ever, so it must at least be seen)."""
+    """On the worker: a group commit loop or a checkpoint that failed outside any write (a
+    commit loop's callers would wait for ever, so it must at least be seen)."""
     if not work.cancelled() and work.exception() is not None:
         log.error("history writer failed", error=repr(work.exception()))
 
