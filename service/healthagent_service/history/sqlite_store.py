@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import structlog
 
@@ -164,9 +164,8 @@ class SQLiteStore(ConversationStore):
         `work` writes a few rows by key, so it may run on the loop (the largest, a turn's end,
         holds the answer's text: 100 KB of it is about 25 pages, a fifth of a millisecond)."""
         if small and self._loop_db is not None:
-            result = self._commit_on_loop(self._loop_db, work)
-            if result is not _WRITE_LOCK_TAKEN:
-                return cast(T, result)
+            with contextlib.suppress(_WriteLockTakenError):  # then the worker waits for the lock
+                return self._commit_on_loop(self._loop_db, work)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         with self._writes_lock:
@@ -222,18 +221,26 @@ class SQLiteStore(ConversationStore):
             return [(done, exc, False) for _, done in group]
         return results
 
-    def _commit_on_loop(
-        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
-    ) -> T | object:
-        """Commit `work` on the loop's connection, or `_WRITE_LOCK_TAKEN` when another
-        connection holds the write lock (nothing was done then); raises what `work` raises,
-        with nothing of it written."""
+    def _commit_on_loop(self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Commit `work` on the loop's connection; raises `_WriteLockTakenError` when another
+        connection holds the write lock (nothing was done then), or what `work` raises, with
+        nothing of it written."""
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
-                return _WRITE_LOCK_TAKEN
+                raise _WriteLockTakenError from None
             raise
+        result = self._finish_transaction(db, work)
+        self._loop_commits_since_checkpoint += 1
+        if self._loop_commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+            self._checkpoint_soon()
+        return result
+
+    def _finish_transaction(
+        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """Run `work` in the transaction just begun and commit it, or roll it back and raise."""
         try:
             result = work(db)
             db.execute("COMMIT")
@@ -243,9 +250,6 @@ class SQLiteStore(ConversationStore):
                     db.execute("ROLLBACK")
             raise
         self.commits += 1
-        self._loop_commits_since_checkpoint += 1
-        if self._loop_commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
-            self._checkpoint_soon()
         return result
 
     def _checkpoint_soon(self) -> None:
@@ -269,15 +273,9 @@ class SQLiteStore(ConversationStore):
         work, done = write
         try:
             db.execute("BEGIN IMMEDIATE")
-            result = work(db)
-            db.execute("COMMIT")
+            return (done, self._finish_transaction(db, work), True)
         except Exception as exc:  # nothing of it was written
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
             return (done, exc, False)
-        self.commits += 1
-        return (done, result, True)
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -560,7 +558,8 @@ class SQLiteStore(ConversationStore):
         return await self._run(query)
 
 
-_WRITE_LOCK_TAKEN = object()  # another connection holds the file's write lock
+class _WriteLockTakenError(Exception):
+    """Another connection holds the file's write lock."""
 
 
 def _log_failure(work: concurrent.futures.Future[None]) -> None:
