@@ -95,3 +95,41 @@ def test_partial_event_is_reported() -> None:
     decoder = SSEDecoder()
     decoder.feed(b'data: {"type":"a"}\n')
     assert decoder.has_partial_event  # the blank line that ends the event never came
+
+
+def test_recorded_stream_an_event_per_read() -> None:
+    # how upstreams frame events (an HTTP chunk each): the decoder's whole-events path
+    frames = [frame + b"\n\n" for frame in RECORDED.split(b"\n\n") if frame]
+    assert decode(frames) == expected_events(RECORDED)
+    assert decode([b"".join(frames[:5]), *frames[5:]]) == expected_events(RECORDED)
+
+
+_LINES = st.sampled_from(
+    [b"data: a", b"data:b", b"data", b"data: ", b": keep", b"event: x", b"id: 7", b"", b"data: c\r"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(_LINES, max_size=4), max_size=12),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=10),
+)
+def test_whole_event_reads_decode_as_byte_at_a_time(
+    blocks: list[list[bytes]], cuts: list[int]
+) -> None:
+    # Reads that end on blank lines take the whole-events path when they can; whatever the
+    # blocks hold (several fields, comments, CRs, empty values) it must agree with the
+    # line-by-line path, here forced by feeding a byte at a time.
+    stream = b"".join(b"".join(line + b"\n" for line in block) + b"\n" for block in blocks)
+    one_byte = decode([stream[i : i + 1] for i in range(len(stream))])
+    boundaries = [i + 2 for i in range(len(stream) - 1) if stream[i : i + 2] == b"\n\n"]
+    points = sorted({boundaries[c % len(boundaries)] for c in cuts} if boundaries else set())
+    bounds = [0, *points, len(stream)]
+    assert decode([stream[a:b] for a, b in itertools.pairwise(bounds)]) == one_byte
+
+
+def test_whole_event_read_over_the_limit_is_refused() -> None:
+    decoder = SSEDecoder(max_event_bytes=10)
+    assert decoder.feed(b"data: " + b"x" * 9 + b"\n\n") == [b"x" * 9]  # 9 bytes and its LF
+    with pytest.raises(SSEProtocolError):
+        decoder.feed(b"data: " + b"x" * 10 + b"\n\n")
