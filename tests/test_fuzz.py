@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from bench.processes import ServeProcess, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api.converter import timestamp
-from healthagent_service.upstream.chatkit_events import parse_event_json
+from healthagent_service.upstream.upstream_json import decode_json
 
 UNDELIBERATE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # Text with control characters, surrogate-free unicode, emptiness and size.
@@ -183,6 +184,42 @@ def test_upstream_json_parses_as_json_loads_does(data: bytes) -> None:
         expected: Any = json.loads(data.decode())
     except ValueError:
         with pytest.raises(ValueError):
-            parse_event_json(data)
+            decode_json(data)
+        with pytest.raises(ValueError):
+            decode_json(data.decode(errors="surrogateescape"))  # a WebSocket text frame
         return
-    assert parse_event_json(data) == expected
+    assert _same(decode_json(data), expected)
+    assert _same(decode_json(data.decode()), expected)
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Equal, and of the same types throughout (1 == 1.0 == True would hide a change)."""
+    if type(value) is not type(expected):
+        return False
+    if isinstance(expected, dict):
+        return list(value) == list(expected) and all(
+            _same(value[key], item) for key, item in expected.items()
+        )
+    if isinstance(expected, list):
+        return len(value) == len(expected) and all(map(_same, value, expected))
+    if isinstance(expected, float) and math.isnan(expected):
+        return math.isnan(value)
+    return bool(value == expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": NaN, "b": -Infinity}',
+        '"\\ud800 lone"',
+        "1e400",
+        "123456789012345678901234567890",
+        '{"a": 1, "a": 2}',
+        "  [1.5, -0, 5e-324]\n",
+    ],
+)
+def test_upstream_json_edge_cases_parse_as_json_loads_does(text: str) -> None:
+    expected = json.loads(text)
+    for data in (text, text.encode()):
+        value = decode_json(data)
+        assert _same(value, expected), data

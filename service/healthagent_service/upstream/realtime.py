@@ -49,6 +49,7 @@ from healthagent_service.upstream.events import (
 )
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.session_pool import SessionPool
+from healthagent_service.upstream.upstream_json import decode_json
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +121,7 @@ class RealtimeSocket:
         message = await self.connection.recv()
         self.last_used = time.monotonic()
         try:
-            event = json.loads(message)
+            event = decode_json(message)
         except ValueError:
             raise rt_protocol_error("an event is not JSON") from None
         if not isinstance(event, dict):

@@ -1,0 +1,35 @@
+"""Decoding the upstreams' JSON events: once per relayed chunk, so the hot path's largest cost.
+
+msgspec decodes a ChatKit text delta in a third of the time `json` takes (integers exact, like
+`json`'s). The few documents it refuses and `json` takes (NaN and Infinity, lone surrogate
+escapes, numbers past a double's range) are handed to `json`, so every event decodes exactly as
+`json.loads` decodes it, errors included (a `ValueError`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+_decode = msgspec.json.Decoder().decode
+_decode_with_json = json.JSONDecoder().raw_decode
+
+
+def decode_json(data: bytes | str) -> Any:
+    """`json.loads(data)` for UTF-8 bytes or text (the only encoding SSE and WebSocket text
+    frames allow, so there is no encoding to detect), faster."""
+    try:
+        return _decode(data)
+    except msgspec.DecodeError:
+        return _json_loads(data)
+
+
+def _json_loads(data: bytes | str) -> Any:
+    text = data.decode() if isinstance(data, bytes) else data
+    start = len(text) - len(text.lstrip()) if text[:1].isspace() else 0
+    value, end = _decode_with_json(text, start)
+    if end != len(text) and text[end:].strip():
+        raise ValueError(f"extra data after the JSON value at {end}")
+    return value
