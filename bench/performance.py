@@ -10,7 +10,9 @@ with CLOCK_MONOTONIC, which all processes on the machine share):
 - `healthagent`: `healthagent serve` in front of the emulator, with its embedded SQLite history;
   the per-user rate and stream limits are off and the log level is warning, as for any load test.
 
-For each concurrency (1, 100, 1,000 streams) and target, two phases:
+For each concurrency (1, 100, 1,000 streams) and target, two phases, each run for `bare` and
+`healthagent` in `--rounds` rounds back to back (the order swapped each round; a CPU ratio is
+the median of the rounds' own ratios) and for `direct` once:
 
 - throughput: every stream runs turns back to back, unpaced, for `--seconds`; chunks per
   second and CPU seconds per chunk (of the process that streams to the client);
@@ -111,6 +113,10 @@ class PhaseResult:
     client_cpu_us_per_chunk: float = 0.0
     pace_ms: float = 0.0
     rss_per_open_stream_bytes: float = 0.0
+    # bare and healthagent run in `--rounds` rounds side by side; the figures above are of all
+    # rounds together, these of each round
+    rounds: int = 1
+    rounds_server_cpu_us_per_chunk: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -155,6 +161,9 @@ class Report:
     # HealthAgent's requests/s over the bare server's, round by round (each pair run back to
     # back, so both saw the machine in the same state)
     mint_round_ratios: list[float] = field(default_factory=list)
+    # HealthAgent's server CPU per chunk over the bare server's, round by round, by phase and
+    # concurrency ("throughput" -> "100" -> ratios)
+    cpu_round_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     open_streams: list[OpenStreamsResult] = field(default_factory=list)
     targets: dict[str, Any] = field(default_factory=dict)
 
@@ -265,17 +274,31 @@ def summarize(result: PhaseResult, samples: list[TurnSample]) -> None:
     result.time_to_first_chunk = percentiles(ttfc)
 
 
+@dataclass
+class Round:
+    """One run of one phase against one target: its samples and what the processes spent."""
+
+    samples: list[TurnSample]
+    seconds: float
+    server_cpu: float
+    emulator_cpu: float
+    client_cpu: float
+    rss_per_open_stream_bytes: float = 0.0
+
+    @property
+    def chunks(self) -> int:
+        return sum(sample.chunks for sample in self.samples)
+
+
 async def measure(
     targets: Targets,
     target: str,
     concurrency: int,
-    phase: str,
     run: Callable[[TurnClient, list[str]], Awaitable[list[TurnSample]]],
     *,
     sample_rss: bool = False,
-) -> PhaseResult:
-    """Run one phase with fresh clients (users already warm) and account for its CPU."""
-    result = PhaseResult(target, concurrency, phase)
+) -> Round:
+    """Run one phase once with fresh clients (users already warm) and account for its CPU."""
     users = [f"bench-{i}" for i in range(concurrency)]
     client = targets.client(target, concurrency)
     server, emulator = targets.server_pid(target), targets.emulator.process.pid
@@ -299,22 +322,47 @@ async def measure(
         cpu = (cpu_seconds(server), cpu_seconds(emulator), own_cpu_seconds())
         started = time.monotonic()
         samples = await run(client, users)
-        result.seconds = round(time.monotonic() - started, 3)
-        server_cpu = cpu_seconds(server) - cpu[0]
-        emulator_cpu = cpu_seconds(emulator) - cpu[1]
-        client_cpu = own_cpu_seconds() - cpu[2]
+        measured = Round(
+            samples,
+            seconds=time.monotonic() - started,
+            server_cpu=cpu_seconds(server) - cpu[0],
+            emulator_cpu=cpu_seconds(emulator) - cpu[1],
+            client_cpu=own_cpu_seconds() - cpu[2],
+        )
         sampling = False
         if sampler is not None:
             await sampler
-            result.rss_per_open_stream_bytes = round((rss_peak - rss_idle) / concurrency)
+            measured.rss_per_open_stream_bytes = round((rss_peak - rss_idle) / concurrency)
     finally:
         await client.close()
-    summarize(result, samples)
+    return measured
+
+
+def per_chunk_us(seconds: float, chunks: int) -> float:
+    return round(seconds / chunks * 1e6, 2) if chunks else 0.0
+
+
+def phase_result(target: str, concurrency: int, phase: str, rounds: list[Round]) -> PhaseResult:
+    """The rounds of one phase as one result: every sample, every chunk and CPU second, the
+    largest memory step; and each round's server CPU per chunk."""
+    result = PhaseResult(target, concurrency, phase, rounds=len(rounds))
+    summarize(result, [sample for measured in rounds for sample in measured.samples])
+    result.seconds = round(sum(measured.seconds for measured in rounds), 3)
+    result.rss_per_open_stream_bytes = max(m.rss_per_open_stream_bytes for m in rounds)
+    result.rounds_server_cpu_us_per_chunk = [
+        per_chunk_us(measured.server_cpu, measured.chunks) for measured in rounds
+    ]
     if result.chunks:
         result.chunks_per_second = round(result.chunks / result.seconds, 1)
-        result.server_cpu_us_per_chunk = round(server_cpu / result.chunks * 1e6, 2)
-        result.emulator_cpu_us_per_chunk = round(emulator_cpu / result.chunks * 1e6, 2)
-        result.client_cpu_us_per_chunk = round(client_cpu / result.chunks * 1e6, 2)
+        result.server_cpu_us_per_chunk = per_chunk_us(
+            sum(m.server_cpu for m in rounds), result.chunks
+        )
+        result.emulator_cpu_us_per_chunk = per_chunk_us(
+            sum(m.emulator_cpu for m in rounds), result.chunks
+        )
+        result.client_cpu_us_per_chunk = per_chunk_us(
+            sum(m.client_cpu for m in rounds), result.chunks
+        )
     return result
 
 
@@ -406,6 +454,10 @@ def median_mint(results: list[MintResult]) -> MintResult:
     chosen = ordered[len(ordered) // 2]
     chosen.rounds = len(results)
     chosen.rounds_rps = [m.requests_per_second for m in results]
+    errors: Counter[str] = Counter()
+    for result in results:  # every round's, not only the median one's
+        errors.update(result.errors)
+    chosen.errors = dict(errors)
     return chosen
 
 
@@ -494,15 +546,22 @@ def compare(report: Report) -> dict[str, Any]:
             "target": "p50 <= 1 ms, p99 <= 5 ms",
         }
     ratios: dict[str, dict[str, float]] = {"throughput": {}, "paced": {}}
+    of_totals: dict[str, dict[str, float]] = {"throughput": {}, "paced": {}}
     for (target, concurrency, phase), result in by.items():
         bare = by.get(("bare", concurrency, phase))
         if target == "healthagent" and bare is not None and bare.server_cpu_us_per_chunk:
-            ratios[phase][str(concurrency)] = round(
-                result.server_cpu_us_per_chunk / bare.server_cpu_us_per_chunk, 2
+            total = round(result.server_cpu_us_per_chunk / bare.server_cpu_us_per_chunk, 2)
+            of_totals[phase][str(concurrency)] = total
+            # the median of the rounds' own ratios, each of two neighbouring runs
+            rounds = report.cpu_round_ratios.get(phase, {}).get(str(concurrency))
+            ratios[phase][str(concurrency)] = (
+                round(statistics.median(rounds), 2) if rounds else total
             )
     out["cpu_per_chunk_vs_bare"] = {
         "by_concurrency": ratios["throughput"],
         "paced_by_concurrency": ratios["paced"],
+        "round_ratios": report.cpu_round_ratios,
+        "of_all_rounds": of_totals,
         "target": "<= 1.5",
     }
     mints = {m.target: m for m in report.mint}
@@ -565,6 +624,13 @@ def markdown(report: Report) -> str:
             f" | {p.chunk_latency['p50_ms']} / {p.chunk_latency['p99_ms']}"
             f" | {p.server_cpu_us_per_chunk} | {rss} | {sum(p.errors.values()) or 0} |"
         )
+    for phase, by_concurrency in report.cpu_round_ratios.items():
+        for concurrency, ratios in by_concurrency.items():
+            listed = ", ".join(f"{r:.2f}x" for r in ratios)
+            lines.append(
+                f"\nHealthAgent's CPU per chunk over the bare server's, {phase}, {concurrency}"
+                f" streams, round by round: {listed}."
+            )
     lines += [
         "",
         "| MintSession | concurrency | requests/s (median round) | every round | server CPU"
@@ -652,34 +718,62 @@ def plot(report: Report, out: Path) -> list[Path]:
     return written
 
 
+async def measure_phase(
+    report: Report,
+    targets: Targets,
+    *,
+    concurrency: int,
+    phase: str,
+    run: Callable[[TurnClient, list[str]], Awaitable[list[TurnSample]]],
+    rounds: int,
+) -> list[PhaseResult]:
+    """One phase at one concurrency: the bare server and HealthAgent in `rounds` rounds back to
+    back, the order swapped each round (on a shared machine one minute's CPU per chunk differs
+    from the next by a third, two neighbours' much less), and the direct reader once (what an
+    app pays without HealthAgent; no ratio reads it). Each target's result, in `TARGETS`
+    order; the rounds' CPU ratios go to the report."""
+    measured: dict[str, list[Round]] = {target: [] for target in TARGETS}
+    for index in range(rounds):
+        order = [target for target in TARGETS if target != "direct" or index == 0]
+        for target in reversed(order) if index % 2 else order:
+            measured[target].append(
+                await measure(targets, target, concurrency, run, sample_rss=phase == "paced")
+            )
+    report.cpu_round_ratios.setdefault(phase, {})[str(concurrency)] = [
+        round((ours.server_cpu / ours.chunks) / (bare.server_cpu / bare.chunks), 3)
+        for bare, ours in zip(measured["bare"], measured["healthagent"], strict=True)
+        if bare.chunks and ours.chunks and bare.server_cpu
+    ]
+    return [phase_result(target, concurrency, phase, measured[target]) for target in TARGETS]
+
+
 async def run_all(options: argparse.Namespace) -> Report:
     report = Report(machine(), " ".join(["python -m bench.performance", *sys.argv[1:]]))
     targets = start_targets()
     try:
         for concurrency in options.concurrency:
-            for target in TARGETS:
-                result = await measure(
-                    targets,
-                    target,
-                    concurrency,
-                    "throughput",
-                    throughput_run(options.seconds, options.chunks),
-                )
-                report.phases.append(result)
-                print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
             pace_ms = max(options.min_pace_ms, round(concurrency * 1000 / options.paced_rate))
-            for target in TARGETS:
-                result = await measure(
-                    targets,
-                    target,
-                    concurrency,
+            phases = (
+                ("throughput", throughput_run(options.seconds, options.chunks), 0),
+                (
                     "paced",
                     paced_run(options.paced_seconds, options.chunks, pace_ms, options.seed),
-                    sample_rss=True,
+                    pace_ms,
+                ),
+            )
+            for phase, run, pace in phases:
+                results = await measure_phase(
+                    report,
+                    targets,
+                    concurrency=concurrency,
+                    phase=phase,
+                    run=run,
+                    rounds=options.rounds,
                 )
-                result.pace_ms = pace_ms
-                report.phases.append(result)
-                print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+                for result in results:
+                    result.pace_ms = pace
+                    report.phases.append(result)
+                    print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
         # rounds of the two back to back, the order swapped each round: on a shared machine
         # one minute's rate differs from the next by a third, two neighbours' much less
         rounds: dict[str, list[MintResult]] = {"bare": [], "healthagent": []}
@@ -723,8 +817,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100, 1000]
     )
     parser.add_argument("--chunks", type=int, default=CHUNKS)
-    parser.add_argument("--seconds", type=float, default=10.0, help="throughput phase length")
-    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of bare and healthagent in each phase"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="throughput phase length, per round"
+    )
+    parser.add_argument("--paced-seconds", type=float, default=10.0, help="at least, per round")
     parser.add_argument(
         "--paced-rate", type=float, default=2000.0, help="chunks per second offered when paced"
     )
@@ -768,6 +867,7 @@ def load_report(path: Path) -> Report:
     report.phases = [PhaseResult(**phase) for phase in data["phases"]]
     report.mint = [MintResult(**mint) for mint in data["mint"]]
     report.mint_round_ratios = data.get("mint_round_ratios", [])
+    report.cpu_round_ratios = data.get("cpu_round_ratios", {})
     report.open_streams = [OpenStreamsResult(**o) for o in data["open_streams"]]
     return report
 

@@ -41,6 +41,8 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
             "0.5",
             "--paced-seconds",
             "0.5",
+            "--rounds",
+            "2",
             "--mint-concurrency",
             "2",
             "--mint-seconds",
@@ -82,6 +84,23 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
             assert 0 <= values["p50_ms"] <= values["p99_ms"] <= values["max_ms"], (key, figure)
         if phase["phase"] == "paced":
             assert phase["pace_ms"] >= 10 and "rss_per_open_stream_bytes" in phase
+        # bare and healthagent side by side in rounds; the direct reader once
+        rounds = 1 if phase["target"] == "direct" else 2
+        assert phase["rounds"] == rounds == len(phase["rounds_server_cpu_us_per_chunk"]), key
+
+    cpu = report["targets"]["cpu_per_chunk_vs_bare"]
+    for phase_name, by_concurrency in (
+        ("throughput", cpu["by_concurrency"]),
+        ("paced", cpu["paced_by_concurrency"]),
+    ):
+        for concurrency, ratio in by_concurrency.items():
+            # a tenth of a second's work can take no CPU tick: such a round has no ratio
+            ratios = report["cpu_round_ratios"][phase_name][concurrency]
+            assert len(ratios) <= 2 and all(r > 0 for r in ratios)
+            if ratios:
+                assert ratio == round(statistics.median(ratios), 2)
+            else:
+                assert ratio == cpu["of_all_rounds"][phase_name][concurrency]
 
     mints = {m["target"]: m for m in report["mint"]}
     assert set(mints) == {"bare", "healthagent"}
