@@ -625,8 +625,8 @@ def markdown(report: Report) -> str:
             f" | {p.server_cpu_us_per_chunk} | {rss} | {sum(p.errors.values()) or 0} |"
         )
     for phase, by_concurrency in report.cpu_round_ratios.items():
-        for concurrency, ratios in by_concurrency.items():
-            listed = ", ".join(f"{r:.2f}x" for r in ratios)
+        for concurrency, round_ratios in by_concurrency.items():
+            listed = ", ".join(f"{r:.2f}x" for r in round_ratios)
             lines.append(
                 f"\nHealthAgent's CPU per chunk over the bare server's, {phase}, {concurrency}"
                 f" streams, round by round: {listed}."

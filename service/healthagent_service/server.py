@@ -6,13 +6,15 @@ import asyncio
 import ipaddress
 import secrets
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import httpx
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -70,6 +72,31 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # one of `serve --workers N`: the kernel spreads connections over the workers' sockets
         options["grpc.so_reuseport"] = 1
     return list(options.items())
+
+
+class GenericHandlersOnly:
+    """The server, as a generated `add_*Servicer_to_server` sees it: it keeps the service's
+    generic handler and drops the copy of the same handlers as registered methods.
+
+    grpcio's asyncio server (1.85) keeps a pending request per registered method and, for every
+    call it accepts, waits on all of them with `asyncio.wait` and requests the next one
+    (grpc/grpc#43092; the fix, grpc/grpc#43461, is not released). With HealthAgent's, health's
+    and reflection's methods registered, that was about a fifth of a MintSession's instructions
+    (docs/benchmarks.md); the generic handler serves the same methods, found by one dict lookup.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Dropped: the generic handler added beside them serves these methods."""
 
 
 @dataclass
@@ -320,11 +347,16 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         recorder=recorder,
         revoker=revoker,
     )
-    pb_grpc.add_HealthAgentServicer_to_server(servicer, server)
+    # the generated registrations take any object with the server's two methods
+    handlers = cast(grpc.aio.Server, GenericHandlersOnly(server))
+    pb_grpc.add_HealthAgentServicer_to_server(servicer, handlers)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+        reflection.aio.ReflectionServicer(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        ),
+        handlers,
     )
     try:
         host, port = parse_listen(listen or settings.listen)
