@@ -81,7 +81,7 @@ class GenericHandlersOnly:
     grpcio's asyncio server (1.85) keeps a pending request per registered method and, for every
     call it accepts, waits on all of them with `asyncio.wait` and requests the next one
     (grpc/grpc#43092; the fix, grpc/grpc#43461, is not released). With HealthAgent's, health's
-    and reflection's methods registered, that was about a fifth of a MintSession's instructions
+    and reflection's methods registered, that was about a tenth of a MintSession's instructions
     (docs/benchmarks.md); the generic handler serves the same methods, found by one dict lookup.
     """
 
