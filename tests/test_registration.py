@@ -70,7 +70,7 @@ def test_every_method_is_served_by_the_generic_handler_alone(
     assert plain.registered == [service.full_name] and len(plain.generic) == 1
 
     recorder = _Recorder()
-    register(GenericHandlersOnly(cast(grpc.aio.Server, recorder)))
+    register(GenericHandlersOnly([cast(grpc.aio.Server, recorder)]))
     assert recorder.registered == []
     [generic] = recorder.generic
     for method in service.methods:

@@ -197,6 +197,33 @@ def test_sigterm_drains_in_flight_streams() -> None:
     assert "shutting down" in log and "Traceback" not in log
 
 
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on `port`, from /proc/net (gRPC listens on 127.0.0.1 through an
+    IPv6 socket, as ::ffff:127.0.0.1)."""
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            count += state == "0A" and int(local.rpartition(":")[2], 16) == port  # 0A: LISTEN
+    return count
+
+
+def test_the_default_four_grpc_servers_share_the_port_and_all_serve(
+    serve_process: ServeProcess,
+) -> None:
+    port = int(serve_process.address.rpartition(":")[2])
+    assert listening_sockets(port) == 4
+    # The kernel hands each connection to one of the four listeners: 40 connections miss one
+    # of them with odds of 4 in 10^5, and a call on a listener whose server is not serving
+    # would time out.
+    for index in range(40):
+        options = [("test.channel", index)]  # else gRPC shares one connection among them
+        with grpc.insecure_channel(serve_process.address, options=options) as channel:
+            request = pb.ChatRequest(message="[chunks=2] hi", user=f"spread-{index}")
+            events = list(pb_grpc.HealthAgentStub(channel).Chat(request, timeout=10))
+            assert events[-1].WhichOneof("event") == "response_done"
+
+
 def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess) -> None:
     bad = subprocess.run(
         [HEALTHAGENT, "serve", "--listen", "127.0.0.1:0"],
@@ -207,14 +234,30 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
     )
     assert bad.returncode == 2
     assert "invalid setting HEALTHAGENT_UPSTREAM" in bad.stderr
-    taken = subprocess.run(
-        [HEALTHAGENT, "serve", "--listen", serve_process.address],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-    )
-    assert taken.returncode == 2 and "cannot start" in taken.stderr
+    # the port is held by four servers sharing it (SO_REUSEPORT); neither another group of
+    # them nor a single server may join
+    for servers in ("4", "1"):
+        taken = subprocess.run(
+            [HEALTHAGENT, "serve", "--listen", serve_process.address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(HEALTHAGENT_GRPC_SERVERS=servers),
+        )
+        assert taken.returncode == 2 and "cannot start" in taken.stderr, servers
+    single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
+    try:
+        assert listening_sockets(int(single.address.rpartition(":")[2])) == 1
+        taken = subprocess.run(
+            [HEALTHAGENT, "serve", "--listen", single.address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+        )
+        assert taken.returncode == 2 and "cannot start" in taken.stderr
+    finally:
+        assert single.terminate() == 0
 
 
 def test_standalone_emulator_command() -> None:

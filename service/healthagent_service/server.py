@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import secrets
 import signal
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,7 +26,7 @@ from healthagent_service.history.backends import describe_store, store_from_sett
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
-from healthagent_service.listen import join_listen, parse_listen
+from healthagent_service.listen import join_listen, parse_listen, reserve_port
 from healthagent_service.memory import trim_memory_when_quiet
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
@@ -68,15 +69,17 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = dict(GRPC_SERVER_OPTIONS)
     # Requests are small: refuse big ones before they are parsed.
     options["grpc.max_receive_message_length"] = max(256 * 1024, 4 * settings.max_message_bytes)
-    if settings.worker_index is not None:
-        # one of `serve --workers N`: the kernel spreads connections over the workers' sockets
+    if settings.worker_index is not None or settings.grpc_servers > 1:
+        # several servers, in this process or in the workers of `serve --workers N`, on one
+        # port: the kernel spreads connections over their sockets (the port is reserved, so
+        # nothing else can join them: `listen.reserve_port`)
         options["grpc.so_reuseport"] = 1
     return list(options.items())
 
 
 class GenericHandlersOnly:
-    """The server, as a generated `add_*Servicer_to_server` sees it: it keeps the service's
-    generic handler and drops the copy of the same handlers as registered methods.
+    """The servers, as a generated `add_*Servicer_to_server` sees one: each gets the service's
+    generic handler, and the copy of the same handlers as registered methods is dropped.
 
     grpcio's asyncio server (1.85) keeps a pending request per registered method and, for every
     call it accepts, waits on all of them with `asyncio.wait` and requests the next one
@@ -85,13 +88,14 @@ class GenericHandlersOnly:
     (docs/benchmarks.md); the generic handler serves the same methods, found by one dict lookup.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
+    def __init__(self, servers: Sequence[grpc.aio.Server]) -> None:
+        self._servers = servers
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]
     ) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+        for server in self._servers:
+            server.add_generic_rpc_handlers(generic_rpc_handlers)
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
@@ -101,10 +105,12 @@ class GenericHandlersOnly:
 
 @dataclass
 class RunningServer:
-    """A started server and what it owns."""
+    """The started servers (sharing one port) and what they own."""
 
-    server: grpc.aio.Server
+    servers: list[grpc.aio.Server]
     port: int
+    # holds the port while several servers share it (`listen.reserve_port`)
+    port_reservation: socket.socket | None
     health: health.aio.HealthServicer
     chatkit: ChatKitUpstream
     realtime: RealtimeUpstream
@@ -125,7 +131,7 @@ class RunningServer:
         self.trimmer.cancel()
         if drain > 0:
             await asyncio.sleep(drain)
-        stopping = asyncio.create_task(self.server.stop(grace))
+        stopping = asyncio.gather(*(server.stop(grace) for server in self.servers))
         if grace:
             await asyncio.wait([stopping], timeout=max(0.0, grace - min(0.25, grace / 2)))
         self.servicer.end_chats_for_shutdown()
@@ -141,6 +147,8 @@ class RunningServer:
         await self.http.aclose()
         if self.emulator is not None:
             await self.emulator.close()
+        if self.port_reservation is not None:
+            self.port_reservation.close()
 
 
 def _chatkit_config(
@@ -265,6 +273,12 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
 def describe_upstream(settings: Settings) -> str:
     """One line naming what Chat talks to; says plainly when replies are simulated."""
     protocol = "Realtime" if settings.effective_upstream is UpstreamKind.REALTIME else "ChatKit"
@@ -329,7 +343,8 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     chat: ChatUpstream = realtime if uses_realtime else chatkit
     recorder = TurnRecorder(store, "realtime" if uses_realtime else "chatkit")
     revoker = SessionRevoker(store, chatkit, realtime)
-    server = grpc.aio.server(options=server_options(settings))
+    options = server_options(settings)
+    servers = [grpc.aio.server(options=options) for _ in range(settings.grpc_servers)]
     limiter = _limiter(settings)
     metrics = Metrics()
     metrics.watch_pools({"chatkit": chatkit.pool, "realtime_secrets": realtime.secrets})
@@ -348,7 +363,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         revoker=revoker,
     )
     # the generated registrations take any object with the server's two methods
-    handlers = cast(grpc.aio.Server, GenericHandlersOnly(server))
+    handlers = cast(grpc.aio.Server, GenericHandlersOnly(servers))
     pb_grpc.add_HealthAgentServicer_to_server(servicer, handlers)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
@@ -358,20 +373,21 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         ),
         handlers,
     )
+    reservation: socket.socket | None = None
     try:
         host, port = parse_listen(listen or settings.listen)
         check_exposure(settings, host)
         if isinstance(limiter, RedisLimiter):
             await limiter.ping()
         await revoker.start()
+        if len(servers) > 1 and settings.worker_index is None:  # workers': the supervisor's
+            reservation = reserve_port(host, port)
+            port = reservation.getsockname()[1]
         address = join_listen(host, port)
         credentials = _tls_credentials(settings)
-        bound = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
-        await server.start()
+        bound, *_ = [_bind(server, address, credentials) for server in servers]
+        for server in servers:
+            await server.start()
         metrics_port = 0
         if settings.metrics_listen:
             metrics_host, wanted_port = parse_listen(settings.metrics_listen)
@@ -380,6 +396,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
                 wanted_port += settings.worker_index  # one scrape target per worker
             metrics_port = metrics.serve(metrics_host, wanted_port)
     except BaseException:
+        await asyncio.gather(*(server.stop(None) for server in servers))
+        if reservation is not None:
+            reservation.close()
         await limiter.close()
         await store.close()
         await http.aclose()
@@ -392,8 +411,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
-        server,
+        servers,
         bound,
+        reservation,
         health_servicer,
         chatkit,
         realtime,

@@ -19,18 +19,16 @@ import ctypes
 import ctypes.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 
 import structlog
 
 from healthagent_service.config import Settings
-from healthagent_service.listen import join_listen, parse_listen
+from healthagent_service.listen import join_listen, parse_listen, reserved_port
 
 log = structlog.get_logger(__name__)
 
@@ -64,26 +62,6 @@ def worker_problems(settings: Settings) -> list[str]:
             "(HEALTHAGENT_RATE_LIMIT_PER_MINUTE=0, HEALTHAGENT_MAX_STREAMS_PER_USER=0)"
         )
     return problems
-
-
-@contextlib.contextmanager
-def reserved_port(host: str, port: int) -> Iterator[int]:
-    """Hold `host:port` (port 0 picks one) with SO_REUSEPORT for as long as the workers run;
-    yield the port. Raises OSError (address in use) if anything holds the port already, even
-    with SO_REUSEPORT: another worker group on the same port must fail, not share it."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEPORT: fails if taken
-        probe.bind(address)
-        address = (address[0], probe.getsockname()[1], *address[2:])
-    holder = socket.socket(family, kind, proto)
-    try:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(address)
-        yield int(holder.getsockname()[1])
-    finally:
-        holder.close()
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2) option, Linux
