@@ -70,9 +70,10 @@ def wait_serving(address: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
-def start_serve(**env: str) -> ServeProcess:
-    """Start `healthagent serve` on a free loopback port and wait until it is SERVING."""
-    address = f"127.0.0.1:{free_port()}"
+def start_serve(listen: str | None = None, **env: str) -> ServeProcess:
+    """Start `healthagent serve` on `listen` (default: a free loopback port) and wait until it
+    is SERVING."""
+    address = listen or f"127.0.0.1:{free_port()}"
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     started = time.monotonic()
     process = subprocess.Popen(
@@ -90,20 +91,25 @@ def start_serve(**env: str) -> ServeProcess:
     return ServeProcess(process, address, log_file, time.monotonic() - started)
 
 
-def _listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on TCP `port` (Linux /proc/net)."""
-    inodes = set()
+LISTEN, TIME_WAIT = "0A", "06"  # TCP states as /proc/net/tcp writes them
+
+
+def port_sockets(port: int, state: str = LISTEN) -> list[str]:
+    """The inodes of this network namespace's TCP sockets on local `port` in `state`, IPv4
+    and IPv6 (gRPC listens on 127.0.0.1 through an IPv6 socket, as ::ffff:127.0.0.1); a socket
+    in TIME_WAIT has inode 0."""
+    inodes = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])  # state 0A is LISTEN
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.append(fields[9])
     return inodes
 
 
 def listening_workers(server: ServeProcess) -> int:
     """How many workers of `serve --workers N` listen on its port now."""
-    inodes = _listening_inodes(int(server.address.rsplit(":", 1)[1]))
+    inodes = set(port_sockets(int(server.address.rsplit(":", 1)[1])))
     count = 0
     for pid in child_pids(server.process.pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):

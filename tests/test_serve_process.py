@@ -18,7 +18,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import HEALTHAGENT, ServeProcess, clean_env, free_port, start_serve
+from bench.processes import (
+    HEALTHAGENT,
+    TIME_WAIT,
+    ServeProcess,
+    clean_env,
+    free_port,
+    port_sockets,
+    start_serve,
+)
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 
@@ -197,22 +205,11 @@ def test_sigterm_drains_in_flight_streams() -> None:
     assert "shutting down" in log and "Traceback" not in log
 
 
-def listening_sockets(port: int) -> int:
-    """TCP sockets listening on `port`, from /proc/net (gRPC listens on 127.0.0.1 through an
-    IPv6 socket, as ::ffff:127.0.0.1)."""
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
-            local, _, state = line.split()[1:4]
-            count += state == "0A" and int(local.rpartition(":")[2], 16) == port  # 0A: LISTEN
-    return count
-
-
 def test_the_default_four_grpc_servers_share_the_port_and_all_serve(
     serve_process: ServeProcess,
 ) -> None:
     port = int(serve_process.address.rpartition(":")[2])
-    assert listening_sockets(port) == 4
+    assert len(port_sockets(port)) == 4
     # The kernel hands each connection to one of the four listeners: 40 connections miss one
     # of them with odds of 4 in 10^5, and a call on a listener whose server is not serving
     # would time out.
@@ -222,6 +219,18 @@ def test_the_default_four_grpc_servers_share_the_port_and_all_serve(
             request = pb.ChatRequest(message="[chunks=2] hi", user=f"spread-{index}")
             events = list(pb_grpc.HealthAgentStub(channel).Chat(request, timeout=10))
             assert events[-1].WhichOneof("event") == "response_done"
+
+
+def test_serve_restarts_on_its_port_while_old_connections_linger(tmp_path: Path) -> None:
+    first = start_serve(HEALTHAGENT_DATA_DIR=str(tmp_path))
+    port = int(first.address.rpartition(":")[2])
+    with grpc.insecure_channel(first.address) as channel:
+        minted = pb_grpc.HealthAgentStub(channel).MintSession(pb.MintSessionRequest(user="re"))
+        assert minted.client_secret
+        assert first.terminate() == 0  # it closes the open connection: TIME_WAIT on its side
+    assert port_sockets(port, TIME_WAIT), "no TIME_WAIT to restart against"
+    second = start_serve(first.address, HEALTHAGENT_DATA_DIR=str(tmp_path))
+    assert second.terminate() == 0
 
 
 def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess) -> None:
@@ -247,7 +256,7 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
         assert taken.returncode == 2 and "cannot start" in taken.stderr, servers
     single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
     try:
-        assert listening_sockets(int(single.address.rpartition(":")[2])) == 1
+        assert len(port_sockets(int(single.address.rpartition(":")[2]))) == 1
         taken = subprocess.run(
             [HEALTHAGENT, "serve", "--listen", single.address],
             capture_output=True,

@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import secrets
 import signal
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,7 +25,7 @@ from healthagent_service.history.backends import describe_store, store_from_sett
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
-from healthagent_service.listen import join_listen, parse_listen, reserve_port
+from healthagent_service.listen import PortReservation, join_listen, parse_listen, reserve_port
 from healthagent_service.memory import trim_memory_when_quiet
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
@@ -110,7 +109,7 @@ class RunningServer:
     servers: list[grpc.aio.Server]
     port: int
     # holds the port while several servers share it (`listen.reserve_port`)
-    port_reservation: socket.socket | None
+    port_reservation: PortReservation | None
     health: health.aio.HealthServicer
     chatkit: ChatKitUpstream
     realtime: RealtimeUpstream
@@ -136,6 +135,8 @@ class RunningServer:
             await asyncio.wait([stopping], timeout=max(0.0, grace - min(0.25, grace / 2)))
         self.servicer.end_chats_for_shutdown()
         await stopping
+        if self.port_reservation is not None:  # nothing listens on the port any more
+            self.port_reservation.close()
         # Handlers cancelled at the end of the grace period are still unwinding (recording
         # their turns, closing upstream requests): let them finish before closing what they use.
         await self.servicer.wait_for_chats(timeout=5.0)
@@ -147,8 +148,6 @@ class RunningServer:
         await self.http.aclose()
         if self.emulator is not None:
             await self.emulator.close()
-        if self.port_reservation is not None:
-            self.port_reservation.close()
 
 
 def _chatkit_config(
@@ -373,7 +372,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         ),
         handlers,
     )
-    reservation: socket.socket | None = None
+    reservation: PortReservation | None = None
     try:
         host, port = parse_listen(listen or settings.listen)
         check_exposure(settings, host)
@@ -382,7 +381,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         await revoker.start()
         if len(servers) > 1 and settings.worker_index is None:  # workers': the supervisor's
             reservation = reserve_port(host, port)
-            port = reservation.getsockname()[1]
+            port = reservation.port
         address = join_listen(host, port)
         credentials = _tls_credentials(settings)
         bound, *_ = [_bind(server, address, credentials) for server in servers]

@@ -28,7 +28,7 @@ from types import FrameType
 import structlog
 
 from healthagent_service.config import Settings
-from healthagent_service.listen import join_listen, parse_listen, reserved_port
+from healthagent_service.listen import join_listen, parse_listen, reserve_port
 
 log = structlog.get_logger(__name__)
 
@@ -209,5 +209,6 @@ def run_workers(settings: Settings, listen: str | None) -> int:
     if problems:
         raise ValueError(f"HEALTHAGENT_WORKERS={settings.workers}: " + "; ".join(problems))
     host, port = parse_listen(listen or settings.listen)
-    with reserved_port(host, port) as bound:
-        return Supervisor(settings, join_listen(host, bound), settings.workers).run()
+    with reserve_port(host, port) as reservation:
+        address = join_listen(host, reservation.port)
+        return Supervisor(settings, address, settings.workers).run()
