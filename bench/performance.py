@@ -143,6 +143,8 @@ class OpenStreamsResult:
     errors: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     chunk_latency: dict[str, float | int] = field(default_factory=dict)
+    # from making a call to its first event: how long new calls wait to be taken up
+    first_event_latency: dict[str, float | int] = field(default_factory=dict)
     server_rss_idle_bytes: int = 0
     server_rss_peak_bytes: int = 0
     server_cpu_seconds: float = 0.0
@@ -530,6 +532,7 @@ async def measure_open_streams(
     result.errors = report["errors"]
     result.chunks = report["chunks"]
     result.chunk_latency = report["chunk_latency"]
+    result.first_event_latency = report["first_event_latency"]
     result.client_cpu_seconds = round(report["client_cpu_seconds"], 2)
     return result
 
@@ -650,16 +653,18 @@ def markdown(report: Report) -> str:
         lines += [
             "",
             "| open streams | target | processes | max open at once | completed | errors"
-            " | chunks | chunk latency p50 / p99 ms | server RSS idle | server RSS peak"
-            " | CPU us/chunk: server, emulator, client |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            " | chunks | chunk latency p50 / p99 ms | first event p50 / p99 / max ms"
+            " | server RSS idle | server RSS peak | CPU us/chunk: server, emulator, client |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for o in report.open_streams:
         per_chunk = 1e6 / o.chunks if o.chunks else float("nan")
+        first = o.first_event_latency  # empty in a report from before it was measured
         lines.append(
             f"| {o.streams:,} | {o.target} | {o.workers} | {o.max_open:,} | {o.completed:,}"
             f" | {sum(o.errors.values())} | {o.chunks:,}"
             f" | {o.chunk_latency['p50_ms']} / {o.chunk_latency['p99_ms']}"
+            f" | {first.get('p50_ms')} / {first.get('p99_ms')} / {first.get('max_ms')}"
             f" | {o.server_rss_idle_bytes / 2**20:.1f} MiB"
             f" | {o.server_rss_peak_bytes / 2**20:.1f} MiB"
             f" | {o.server_cpu_seconds * per_chunk:.0f}, {o.emulator_cpu_seconds * per_chunk:.0f},"

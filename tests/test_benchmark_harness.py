@@ -118,6 +118,8 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
         assert open_streams["chunks"] == 20 * 2 and open_streams["server_rss_peak_bytes"] > 0
         latency = open_streams["chunk_latency"]
         assert latency["n"] == 40 and 0 <= latency["p50_ms"] <= latency["max_ms"]
+        first_event = open_streams["first_event_latency"]  # one per call
+        assert first_event["n"] == 20 and 0 < first_event["p50_ms"] <= first_event["max_ms"]
         assert open_streams["client_cpu_seconds"] > 0
     assert [opened[t]["workers"] for t in opened] == [1, 1, 2]
     # the server CPU and memory of the workers are the supervisor's and both workers'

@@ -8,6 +8,7 @@ in the middle of a streamed body, so the emulator can observe cancellations.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ log = structlog.get_logger(__name__)
 
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
 _READ_SIZE = 65536
+# asyncio's default of 100 overflows when a busy loop takes up a ramp of new connections late:
+# the kernel drops the handshakes and clients retry after 1, 3, 7, 15 s (seen at 10,000 open
+# streams, docs/benchmarks.md). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
 
 
 @dataclass(slots=True)
@@ -60,7 +65,9 @@ class HttpServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; return the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=_READ_SIZE)
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=_READ_SIZE, backlog=LISTEN_BACKLOG
+        )
         sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])
 

@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from healthagent_service.emulator import chatkit_wire as wire
-from healthagent_service.emulator.http_server import HttpRequest, HttpResponse
+from healthagent_service.emulator.http_server import LISTEN_BACKLOG, HttpRequest, HttpResponse
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME, Reply, plan_reply
 
 MIN_SECRET_SECONDS, MAX_SECRET_SECONDS, DEFAULT_SECRET_SECONDS = 10, 7200, 600
@@ -137,6 +137,7 @@ class RealtimeEmulator:
             ping_timeout=self.config.ping_timeout_seconds,
             max_size=16 * 1024 * 1024,
             compression=None,
+            backlog=LISTEN_BACKLOG,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
