@@ -107,8 +107,8 @@ class Settings(BaseSettings):
     listen: str = Field(default=DEFAULT_LISTEN, alias="HEALTHAGENT_LISTEN")
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS, alias="HEALTHAGENT_WORKERS")
     # grpc.aio takes up one new call at a time per server (per registered method), a round
-    # of its loop each: several servers on the one port take up new calls that much faster
-    # when the loop is busy (docs/benchmarks.md, "10,000 streams")
+    # of its loop each: several servers on the one port take up new calls sooner when the
+    # loop is busy (docs/benchmarks.md, "10,000 streams")
     grpc_servers: int = Field(
         default=4, ge=1, le=MAX_GRPC_SERVERS, alias="HEALTHAGENT_GRPC_SERVERS"
     )
