@@ -28,7 +28,7 @@ from bench.processes import (
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
-from tests.test_listen import leave_time_wait
+from tests.sockets import leave_time_wait
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
@@ -242,27 +242,25 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
     # the port is held by four servers sharing it (SO_REUSEPORT); neither another group of
     # them nor a single server may join
     for servers in ("4", "1"):
-        taken = subprocess.run(
-            [HEALTHAGENT, "serve", "--listen", serve_process.address],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=clean_env(HEALTHAGENT_GRPC_SERVERS=servers),
-        )
-        assert taken.returncode == 2 and "cannot start" in taken.stderr, servers
+        assert refused_to_start(serve_process.address, HEALTHAGENT_GRPC_SERVERS=servers), servers
     single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
     try:
         assert len(port_sockets(int(single.address.rpartition(":")[2]))) == 1
-        taken = subprocess.run(
-            [HEALTHAGENT, "serve", "--listen", single.address],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=clean_env(),
-        )
-        assert taken.returncode == 2 and "cannot start" in taken.stderr
+        assert refused_to_start(single.address)
     finally:
         assert single.terminate() == 0
+
+
+def refused_to_start(address: str, **env: str) -> bool:
+    """`serve` on a taken `address` exits 2 at once, saying it cannot start."""
+    taken = subprocess.run(
+        [HEALTHAGENT, "serve", "--listen", address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(**env),
+    )
+    return taken.returncode == 2 and "cannot start" in taken.stderr
 
 
 def test_standalone_emulator_command() -> None:
