@@ -5,12 +5,37 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
 
 from healthagent_service.config import LogFormat
 from healthagent_service.security.redaction import REDACTOR
+
+# The request id and RPC of the call being handled, for every log line it causes. One variable
+# set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
+# tokens, several times the cost, on every call (docs/benchmarks.md, "MintSession, again").
+_CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
+
+
+def bind_call(request_id: str, rpc: str) -> None:
+    """Tag the current task's log lines (and those of tasks it starts) with this call."""
+    _CALL.set((request_id, rpc))
+
+
+def current_call() -> tuple[str, str] | None:
+    """The (request id, RPC) bound in this context, if any."""
+    return _CALL.get()
+
+
+def add_call_context(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """structlog processor: the bound call's `request_id` and `rpc`."""
+    call = _CALL.get()
+    if call is not None:
+        event_dict.setdefault("request_id", call[0])
+        event_dict.setdefault("rpc", call[1])
+    return event_dict
 
 
 def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: str = "info") -> None:
@@ -26,6 +51,7 @@ def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: str = "info
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_call_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

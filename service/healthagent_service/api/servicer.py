@@ -16,13 +16,14 @@ import structlog
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api import validation
-from healthagent_service.api.converter import set_timestamp, to_chat_response, to_conversation
+from healthagent_service.api.converter import to_chat_response, to_conversation
 from healthagent_service.api.status import status_code, to_status
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
-from healthagent_service.history.recorder import TurnRecorder
+from healthagent_service.history.recorder import TurnRecorder, TurnRecording
 from healthagent_service.history.store import ConversationStore
 from healthagent_service.ids import UniqueIds
+from healthagent_service.logging import bind_call, current_call
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
 from healthagent_service.security.auth import Authenticator, Principal
@@ -65,7 +66,7 @@ def _begin(context: Context, rpc: str) -> tuple[float, Metadata, tuple[tuple[str
     core anew) and the request id's metadata; the id is on every log line of the call."""
     metadata = context.invocation_metadata() or ()
     request_id = _request_id(metadata)
-    structlog.contextvars.bind_contextvars(request_id=request_id, rpc=rpc)
+    bind_call(request_id, rpc)
     return time.perf_counter(), metadata, ((REQUEST_ID_KEY, request_id),)
 
 
@@ -77,8 +78,8 @@ async def _fail(context: Context, error: HealthAgentError, started: float) -> No
         error=error.message,
         duration_ms=_ms_since(started),
     )
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
-    echo = ((REQUEST_ID_KEY, str(request_id)),) if request_id else ()
+    call = current_call()
+    echo = ((REQUEST_ID_KEY, call[0]),) if call is not None else ()
     await context.abort_with_status(to_status(error, trailing_metadata=echo))
     raise AssertionError("abort_with_status returned")  # it always raises
 
@@ -114,18 +115,18 @@ def _client_too_slow(limit: float) -> HealthAgentError:
 
 
 @contextlib.asynccontextmanager
-async def _closed_at_exit(
-    stream: AsyncGenerator[ChatEvent, None],
+async def _relayed(
+    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
 ) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
-    """`contextlib.aclosing`, but the close runs to its end even when the handler is cancelled
-    meanwhile. gRPC cancels the handler when the caller leaves, which can land while the
-    upstream response is being closed (a caller that leaves during a write fails the write
-    first, then cancels); an interrupted close left the upstream connection open and its pool
-    slot taken for good."""
+    """Yield `stream`; on the way out close it, then write the turn down, both to their end
+    even when the handler is cancelled meanwhile. gRPC cancels the handler when the caller
+    leaves, which can land while the upstream response is being closed (a caller that leaves
+    during a write fails the write first, then cancels); an interrupted close left the
+    upstream connection open and its pool slot taken for good."""
     try:
         yield stream
     finally:
-        closing = asyncio.ensure_future(stream.aclose())
+        closing = asyncio.ensure_future(_close_and_finish(stream, recording))
         cancelled = False
         while not closing.done():
             try:
@@ -135,6 +136,15 @@ async def _closed_at_exit(
         closing.result()
         if cancelled:
             raise asyncio.CancelledError
+
+
+async def _close_and_finish(
+    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
+) -> None:
+    try:
+        await stream.aclose()
+    finally:
+        await recording.finish()
 
 
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
@@ -220,7 +230,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             metrics.output_tokens.inc(usage.output_tokens)
 
     async def _fail(self, context: Context, error: HealthAgentError, started: float) -> NoReturn:
-        rpc = str(structlog.contextvars.get_contextvars().get("rpc", ""))
+        call = current_call()
+        rpc = call[1] if call is not None else ""
         self._metrics.upstream_errors.labels(rpc, error.reason).inc()
         await _fail(context, error, started)
 
@@ -260,7 +271,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             mint = validation.mint_request(request)
             await self._admit(principal, mint.user)
             session = await self._mint(mint)
-            ttl = max(0, int(session.expires_at.timestamp() - time.time()))
+            expires_at = session.expires_at_seconds + session.expires_at_nanos * 1e-9
+            ttl = max(0, int(expires_at - time.time()))
             if self._info:
                 self._log.info(
                     "session handed out",
@@ -280,7 +292,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             answer_session = response.session
             answer_session.id = session.id
             answer_session.ttl_seconds = ttl
-            set_timestamp(answer_session.expires_at, session.expires_at)
+            answer_expiry = answer_session.expires_at
+            answer_expiry.seconds = session.expires_at_seconds
+            answer_expiry.nanos = session.expires_at_nanos
             return response
 
         return await self._unary(context, "MintSession", work)
@@ -337,13 +351,15 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                     principal=principal.name,
                 )
             async with self._limiter.stream(turn.user):
-                # however this handler ends, the upstream turn is closed at once, and fully
-                stream = self._recorder.record(turn, self._chat.chat(turn))
+                # however this handler ends, the upstream turn is closed at once, and fully,
+                # and then written down
+                recording = self._recorder.start(turn)
+                add_chunk = recording.add_chunk
                 write = context.write
                 stall_limit = self._client_stall_seconds
                 loop_time = asyncio.get_running_loop().time
                 self._watchdog.watch(stall)
-                async with _closed_at_exit(stream) as upstream_events:
+                async with _relayed(self._chat.chat(turn), recording) as upstream_events:
                     next_event = upstream_events.__anext__
                     while True:
                         waiting_since = clock()
@@ -351,12 +367,19 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                             event = await next_event()
                         except StopAsyncIteration:
                             break
+                        except Exception as exc:
+                            await recording.upstream_failed(exc)
+                            raise
                         now = clock()
                         waited += now - waiting_since
-                        if first_chunk_at is None and type(event) is TextDelta:
-                            first_chunk_at = now
-                        elif type(event) is ResponseDone:
-                            usage = event.usage
+                        if type(event) is TextDelta:
+                            add_chunk(event.text)
+                            if first_chunk_at is None:
+                                first_chunk_at = now
+                        else:
+                            if type(event) is ResponseDone:
+                                usage = event.usage
+                            await recording.observe(event)  # before the caller sees it
                         # gRPC flow control makes a write wait while the caller reads slowly
                         # (so upstream reading waits too, and nothing piles up); a caller that
                         # takes no message for `stall_limit` seconds is cut off.

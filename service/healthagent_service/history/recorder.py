@@ -2,15 +2,15 @@
 when the conversation is known, then how the answer ended.
 
 Only the session event and the end of the turn touch the database; chunks are collected in
-memory, so the per-chunk path pays one list append.
+memory, so the per-chunk path pays one list append. The relay feeds a `TurnRecording` as it
+goes instead of reading the events through a generator of the recorder's: a generator layer
+costs every chunk a resumption each way (docs/benchmarks.md, "Per chunk, a layer fewer").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import structlog
@@ -80,12 +80,16 @@ def _thread_title(event_json: str) -> str:
 
 
 class TurnRecorder:
-    """Wraps a turn's event stream and writes the turn to the store."""
+    """Writes turns to the store as they stream: `start` one `TurnRecording` per turn."""
 
     def __init__(self, store: ConversationStore, upstream: str) -> None:
         self._store = store
         self._upstream = upstream
         self._pending: set[asyncio.Task[None]] = set()
+
+    def start(self, turn: ChatTurn) -> TurnRecording:
+        """Begin recording `turn`: feed it every event relayed, then `finish` it."""
+        return TurnRecording(self, turn)
 
     def _new_turn(self, turn: ChatTurn, conversation_id: str, upstream_id: str) -> NewTurn:
         if turn.tool_output is not None:
@@ -102,95 +106,17 @@ class TurnRecorder:
             conversation_id, turn.user, self._upstream, upstream_id, Role.USER, turn.message or ""
         )
 
-    async def record(
-        self, turn: ChatTurn, events: AsyncGenerator[ChatEvent, None]
-    ) -> AsyncGenerator[ChatEvent, None]:
-        """Yield `events` unchanged, recording the turn on the way."""
-        transcript = _Transcript()
-        conversation_id = turn.conversation_id or ""
-        message_id: str | None = None
-        outcome: TurnOutcome | None = None
-        try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    kind = type(event)
-                    if kind is TextDelta:
-                        transcript.chunks.append(event.text)  # type: ignore[union-attr]
-                    elif kind is SessionStarted:
-                        assert isinstance(event, SessionStarted)
-                        conversation_id = event.conversation_id
-                        transcript.upstream_id = event.session_id or event.conversation_id
-                        if message_id is None:
-                            message_id = await self._store.begin_turn(
-                                self._new_turn(turn, conversation_id, transcript.upstream_id)
-                            )
-                    elif kind is TextDone:
-                        assert isinstance(event, TextDone)
-                        transcript.done_texts.append(event.text)
-                        transcript.chunks.clear()
-                    elif kind is ToolCall:
-                        assert isinstance(event, ToolCall)
-                        transcript.tool_calls.append(
-                            {
-                                "call_id": event.call_id,
-                                "name": event.name,
-                                "arguments": event.arguments_json,
-                            }
-                        )
-                    elif kind is Passthrough:
-                        assert isinstance(event, Passthrough)
-                        if event.type == "thread.updated":
-                            transcript.title = _thread_title(event.json) or transcript.title
-                    elif kind is ResponseDone:
-                        assert isinstance(event, ResponseDone)
-                        usage = event.usage
-                        outcome = transcript.outcome(
-                            Status.COMPLETE,
-                            event.text,
-                            usage={
-                                "input_tokens": usage.input_tokens,
-                                "output_tokens": usage.output_tokens,
-                                "total_tokens": usage.total_tokens,
-                            }
-                            if usage
-                            else None,
-                        )
-                    yield event
-        except HealthAgentError as error:
-            text = transcript.partial_text()
-            status = Status.INCOMPLETE if text or transcript.tool_calls else Status.FAILED
-            outcome = transcript.outcome(status, text, error_reason=error.reason)
-            if message_id is None and conversation_id:
-                # Refused before it began (a 429 on a known conversation, say): still recorded.
-                message_id = await self._begin_quietly(turn, conversation_id, transcript)
-            raise
-        except Exception:
-            outcome = transcript.outcome(Status.INCOMPLETE, error_reason="INTERNAL")
-            raise
-        finally:
-            if message_id is not None:
-                if outcome is None:  # the caller left: cancelled, deadline, disconnect
-                    outcome = transcript.outcome(Status.INCOMPLETE, error_reason="CANCELLED")
-                # Shielded: a cancelled call still gets its turn written down.
-                write = asyncio.ensure_future(
-                    self._store.finish_turn(turn.user, conversation_id, message_id, outcome)
-                )
-                self._pending.add(write)
-                write.add_done_callback(self._finished)
-                await asyncio.shield(write)
-
-    async def _begin_quietly(
-        self, turn: ChatTurn, conversation_id: str, transcript: _Transcript
-    ) -> str | None:
-        try:
-            if not await self._store.has_conversation(turn.user, conversation_id):
-                return None  # only conversations already recorded for this user
-            return await self._store.begin_turn(
-                self._new_turn(turn, conversation_id, transcript.upstream_id)
-            )
-        except Exception as exc:  # the original error matters more to the caller
-            log.warning("could not record a refused turn", error=str(exc))
-            return None
+    def _write_end(
+        self, turn: ChatTurn, conversation_id: str, message_id: str, outcome: TurnOutcome
+    ) -> asyncio.Future[None]:
+        """Write how the turn ended, as a task of its own: a cancelled caller cannot stop it,
+        and `drain` waits for it at shutdown."""
+        write = asyncio.ensure_future(
+            self._store.finish_turn(turn.user, conversation_id, message_id, outcome)
+        )
+        self._pending.add(write)
+        write.add_done_callback(self._finished)
+        return write
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
@@ -201,3 +127,111 @@ class TurnRecorder:
         """Wait for turn records still being written (at shutdown)."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+class TurnRecording:
+    """One turn being recorded while it is relayed. The relay hands it every event before
+    sending it on: `add_chunk` with each text delta's text (the per-chunk path: a list
+    append, no call of this class), `observe` with every other event; `upstream_failed` with
+    what the upstream raised, if it did; then `finish`, whatever happened."""
+
+    __slots__ = (
+        "_conversation_id",
+        "_message_id",
+        "_outcome",
+        "_recorder",
+        "_turn",
+        "add_chunk",
+        "transcript",
+    )
+
+    def __init__(self, recorder: TurnRecorder, turn: ChatTurn) -> None:
+        self._recorder = recorder
+        self._turn = turn
+        self.transcript = _Transcript()
+        self.add_chunk = self.transcript.chunks.append
+        self._conversation_id = turn.conversation_id or ""
+        self._message_id: str | None = None
+        self._outcome: TurnOutcome | None = None
+
+    async def observe(self, event: ChatEvent) -> None:
+        """Note an event other than a text delta (the session event begins the record)."""
+        transcript = self.transcript
+        kind = type(event)
+        if kind is SessionStarted:
+            assert isinstance(event, SessionStarted)
+            self._conversation_id = event.conversation_id
+            transcript.upstream_id = event.session_id or event.conversation_id
+            if self._message_id is None:
+                self._message_id = await self._recorder._store.begin_turn(
+                    self._recorder._new_turn(
+                        self._turn, self._conversation_id, transcript.upstream_id
+                    )
+                )
+        elif kind is TextDelta:
+            assert isinstance(event, TextDelta)
+            self.add_chunk(event.text)
+        elif kind is TextDone:
+            assert isinstance(event, TextDone)
+            transcript.done_texts.append(event.text)
+            transcript.chunks.clear()
+        elif kind is ToolCall:
+            assert isinstance(event, ToolCall)
+            transcript.tool_calls.append(
+                {"call_id": event.call_id, "name": event.name, "arguments": event.arguments_json}
+            )
+        elif kind is Passthrough:
+            assert isinstance(event, Passthrough)
+            if event.type == "thread.updated":
+                transcript.title = _thread_title(event.json) or transcript.title
+        elif kind is ResponseDone:
+            assert isinstance(event, ResponseDone)
+            usage = event.usage
+            self._outcome = transcript.outcome(
+                Status.COMPLETE,
+                event.text,
+                usage={
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "total_tokens": usage.total_tokens,
+                }
+                if usage
+                else None,
+            )
+
+    async def upstream_failed(self, error: BaseException) -> None:
+        """The upstream raised `error` (a `HealthAgentError`, or anything else: INTERNAL)."""
+        transcript = self.transcript
+        if not isinstance(error, HealthAgentError):
+            self._outcome = transcript.outcome(Status.INCOMPLETE, error_reason="INTERNAL")
+            return
+        text = transcript.partial_text()
+        status = Status.INCOMPLETE if text or transcript.tool_calls else Status.FAILED
+        self._outcome = transcript.outcome(status, text, error_reason=error.reason)
+        if self._message_id is None and self._conversation_id:
+            # Refused before it began (a 429 on a known conversation, say): still recorded.
+            self._message_id = await self._begin_quietly()
+
+    async def finish(self) -> None:
+        """Write down how the turn ended: as observed, or cancelled (the caller left)."""
+        if self._message_id is None:
+            return
+        outcome = self._outcome
+        if outcome is None:  # the caller left: cancelled, deadline, disconnect
+            outcome = self.transcript.outcome(Status.INCOMPLETE, error_reason="CANCELLED")
+        # Shielded: a cancelled call still gets its turn written down.
+        await asyncio.shield(
+            self._recorder._write_end(self._turn, self._conversation_id, self._message_id, outcome)
+        )
+
+    async def _begin_quietly(self) -> str | None:
+        recorder, turn = self._recorder, self._turn
+        try:
+            if not await recorder._store.has_conversation(turn.user, self._conversation_id):
+                return None  # only conversations already recorded for this user
+            return await recorder._store.begin_turn(
+                recorder._new_turn(turn, self._conversation_id, self.transcript.upstream_id)
+            )
+        except Exception as exc:  # the original error matters more to the caller
+            log.warning("could not record a refused turn", error=str(exc))
+            return None

@@ -25,7 +25,11 @@ from healthagent_service.upstream.events import (
     TextDone,
     ToolCall,
 )
-from healthagent_service.upstream.upstream_json import decode_json
+from healthagent_service.upstream.upstream_json import (
+    FastDecodeError,
+    decode_fast,
+    decode_with_json,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +140,10 @@ class ChatKitTurn:
     def translate(self, data: bytes) -> ChatEvent | None:
         """Translate one event's JSON; None when it has no event of its own to forward."""
         try:
-            event = decode_json(data)
+            try:
+                event = decode_fast(data)  # `decode_json`, inline: once per relayed chunk
+            except FastDecodeError:
+                event = decode_with_json(data)
             kind = event["type"]
         except (ValueError, TypeError, KeyError) as exc:
             raise self._protocol_error(f"event is not a JSON object with a type ({exc})") from None

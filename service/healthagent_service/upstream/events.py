@@ -6,10 +6,21 @@ Adapters produce these; `api/converter.py` is the one place that turns them into
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
 from typing import NamedTuple, Protocol
+
+import msgspec
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_seconds_and_nanos(moment: datetime) -> tuple[int, int]:
+    """An aware datetime as a protobuf Timestamp's seconds and nanos, exactly (a third of the
+    cost of `Timestamp.FromDatetime`)."""
+    since_epoch = moment - _EPOCH
+    return since_epoch.days * 86_400 + since_epoch.seconds, since_epoch.microseconds * 1_000
 
 
 class NoticeLevel(Enum):
@@ -31,9 +42,12 @@ class SessionStarted:
     workflow_id: str
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 2.3x, once per relayed chunk
-class TextDelta:
-    """Assistant text to append to item `item_id` (treat it as immutable, like the others)."""
+class TextDelta(msgspec.Struct, gc=False):
+    """Assistant text to append to item `item_id` (treat it as immutable, like the others).
+
+    A msgspec struct, built in C: one is made per relayed chunk, in 63 ns against 170 for a
+    slotted dataclass, whose `__init__` is Python (and 390 frozen). Two strings cannot form a
+    cycle, so the garbage collector need not track it."""
 
     text: str
     item_id: str
@@ -157,6 +171,15 @@ class MintedSession:
     # When it was minted, by the pool's clock (monotonic seconds), to refresh it in time.
     minted_at_monotonic: float
     lifetime_seconds: float
+    # `expires_at` since the epoch, exactly, as a protobuf Timestamp holds it: worked out once,
+    # since a pooled session is handed out by many MintSession calls
+    expires_at_seconds: int = field(init=False, repr=False, compare=False)
+    expires_at_nanos: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        seconds, nanos = epoch_seconds_and_nanos(self.expires_at)
+        object.__setattr__(self, "expires_at_seconds", seconds)
+        object.__setattr__(self, "expires_at_nanos", nanos)
 
     def __repr__(self) -> str:  # keep the secret out of reprs, logs and tracebacks
         return f"MintedSession(id={self.id!r}, user={self.user!r}, expires_at={self.expires_at})"
