@@ -242,16 +242,16 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
     # the port is held by four servers sharing it (SO_REUSEPORT); neither another group of
     # them nor a single server may join
     for servers in ("4", "1"):
-        assert refused_to_start(serve_process.address, HEALTHAGENT_GRPC_SERVERS=servers), servers
+        assert_refused_to_start(serve_process.address, HEALTHAGENT_GRPC_SERVERS=servers)
     single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
     try:
         assert len(port_sockets(int(single.address.rpartition(":")[2]))) == 1
-        assert refused_to_start(single.address)
+        assert_refused_to_start(single.address)
     finally:
         assert single.terminate() == 0
 
 
-def refused_to_start(address: str, **env: str) -> bool:
+def assert_refused_to_start(address: str, **env: str) -> None:
     """`serve` on a taken `address` exits 2 at once, saying it cannot start."""
     taken = subprocess.run(
         [HEALTHAGENT, "serve", "--listen", address],
@@ -260,7 +260,8 @@ def refused_to_start(address: str, **env: str) -> bool:
         timeout=30,
         env=clean_env(**env),
     )
-    return taken.returncode == 2 and "cannot start" in taken.stderr
+    assert taken.returncode == 2, (env, taken.returncode, taken.stderr[-2000:])
+    assert "cannot start" in taken.stderr, (env, taken.stderr[-2000:])
 
 
 def test_standalone_emulator_command() -> None:
