@@ -15,7 +15,8 @@ from healthagent_service.security.redaction import REDACTOR
 
 # The request id and RPC of the call being handled, for every log line it causes. One variable
 # set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
-# tokens, several times the cost, on every call (docs/benchmarks.md, "MintSession, again").
+# tokens, several times the cost, on every call (docs/benchmarks.md, "Per chunk and per call,
+# again (run 21)").
 _CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
 
 

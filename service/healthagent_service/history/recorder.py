@@ -4,13 +4,15 @@ when the conversation is known, then how the answer ended.
 Only the session event and the end of the turn touch the database; chunks are collected in
 memory, so the per-chunk path pays one list append. The relay feeds a `TurnRecording` as it
 goes instead of reading the events through a generator of the recorder's: a generator layer
-costs every chunk a resumption each way (docs/benchmarks.md, "Per chunk, a layer fewer").
+costs every chunk a resumption each way (docs/benchmarks.md, "Per chunk and per call, again
+(run 21)").
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -163,11 +165,7 @@ class TurnRecording:
             self._conversation_id = event.conversation_id
             transcript.upstream_id = event.session_id or event.conversation_id
             if self._message_id is None:
-                self._message_id = await self._recorder._store.begin_turn(
-                    self._recorder._new_turn(
-                        self._turn, self._conversation_id, transcript.upstream_id
-                    )
-                )
+                self._message_id = await self._begin()
         elif kind is TextDelta:
             assert isinstance(event, TextDelta)
             self.add_chunk(event.text)
@@ -224,14 +222,19 @@ class TurnRecording:
             self._recorder._write_end(self._turn, self._conversation_id, self._message_id, outcome)
         )
 
+    def _begin(self) -> Awaitable[str]:
+        """Write the caller's message and an `incomplete` answer; the answer's message id."""
+        recorder = self._recorder
+        return recorder._store.begin_turn(
+            recorder._new_turn(self._turn, self._conversation_id, self.transcript.upstream_id)
+        )
+
     async def _begin_quietly(self) -> str | None:
-        recorder, turn = self._recorder, self._turn
         try:
-            if not await recorder._store.has_conversation(turn.user, self._conversation_id):
+            store = self._recorder._store
+            if not await store.has_conversation(self._turn.user, self._conversation_id):
                 return None  # only conversations already recorded for this user
-            return await recorder._store.begin_turn(
-                recorder._new_turn(turn, self._conversation_id, self.transcript.upstream_id)
-            )
+            return await self._begin()
         except Exception as exc:  # the original error matters more to the caller
             log.warning("could not record a refused turn", error=str(exc))
             return None

@@ -143,9 +143,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
         if self._notify:  # not for a read that only completed part of an event
             self._notify = False
-            waiter = self._waiter  # `_wake`, inline: once per chunk
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._wake()
         elif self._waiter is not None:
             # bytes that complete nothing (a comment kept alive, a long event) still count
             # as the upstream being there: the read timeout is for silence
