@@ -78,6 +78,24 @@ async def test_reuses_until_80_percent_of_lifetime(
     assert pool.stats.hits == 1 and pool.stats.refreshes == 1
 
 
+async def test_pooled_answers_only_a_fresh_hit_and_never_mints(
+    clock: FakeClock, minter: CountingMinter
+) -> None:
+    pool = SessionPool(minter, max_size=2, refresh_fraction=0.8, clock=clock)
+    assert pool.pooled(options("a")) is None  # nothing pooled: no mint either
+    a = await pool.get(options("a"))
+    await pool.get(options("b"))
+    assert pool.pooled(options("a")) is a  # a hit, and a is now the most recent
+    assert pool.stats.hits == 1 and pool.stats.misses == 2
+    await pool.get(options("c"))  # evicts b, not a
+    assert pool.pooled(options("b")) is None and pool.pooled(options("a")) is a
+    clock.now += 481.0  # 80.2% of 600 s: due for a refresh
+    assert pool.pooled(options("a")) is None
+    assert len(minter.calls) == 3 and pool.stats.hits == 2 and pool.stats.refreshes == 0
+    assert (await pool.get(options("a"))).id != a.id  # get() refreshes it
+    assert pool.stats.refreshes == 1
+
+
 async def test_concurrent_requests_mint_once(clock: FakeClock, minter: CountingMinter) -> None:
     minter.delay = 0.05
     pool = SessionPool(minter, max_size=10, clock=clock)

@@ -26,7 +26,7 @@ from healthagent_service.ids import UniqueIds
 from healthagent_service.logging import bind_call, current_call
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
-from healthagent_service.security.auth import Authenticator, Principal
+from healthagent_service.security.auth import ANONYMOUS, Authenticator, Principal
 from healthagent_service.security.limits import Limiter
 from healthagent_service.upstream.chatkit import ChatKitUpstream
 from healthagent_service.upstream.events import (
@@ -34,6 +34,7 @@ from healthagent_service.upstream.events import (
     ChatUpstream,
     MintedSession,
     ResponseDone,
+    SessionOptions,
     TextDelta,
     Usage,
 )
@@ -267,47 +268,76 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     async def MintSession(  # noqa: N802 - the name is the RPC's
         self, request: pb.MintSessionRequest, context: Context
     ) -> pb.MintSessionResponse:
-        async def work(principal: Principal) -> pb.MintSessionResponse:
+        # Not through `_unary`, and with no coroutine for a step that does not wait (no
+        # credentials to check, no rate to take, a pooled session): a call is mostly Python,
+        # and each layer costs its instructions and its cache misses (docs/benchmarks.md).
+        started, metadata, request_id = _begin(context, "MintSession")
+        context.set_trailing_metadata(request_id)  # see `_unary`
+        try:
+            auth = self._auth
+            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
             mint = validation.mint_request(request)
-            await self._admit(principal, mint.user)
-            session = await self._mint(mint)
-            expires_at = session.expires_at_seconds + session.expires_at_nanos * 1e-9
-            ttl = max(0, int(expires_at - time.time()))
-            if self._info:
-                self._log.info(
-                    "session handed out",
-                    session_id=session.id,
-                    user=mint.user,
-                    device_id=mint.device_id,
-                    ttl_seconds=ttl,
-                    principal=principal.name,
-                )
-            response = pb.MintSessionResponse(
-                client_secret=session.client_secret,
-                workflow_id=session.workflow_id,
+            principal.check_user(mint.user)
+            if self._limiter.limits_rate:
+                await self._limiter.admit(mint.user)
+            options = self._session_options(mint)
+            session = self._chatkit.pool.pooled(options) if options is not None else None
+            if session is None:
+                session = await self._mint(mint, options)
+            response = self._minted(mint, session, principal)
+        except HealthAgentError as error:
+            await self._fail(context, error, started)
+        except Exception as exc:
+            await self._fail(context, _internal(exc), started)
+        if self._info:
+            self._log.info("rpc finished", duration_ms=_ms_since(started))
+        return response
+
+    def _minted(
+        self, mint: validation.MintRequest, session: MintedSession, principal: Principal
+    ) -> pb.MintSessionResponse:
+        expires_at = session.expires_at_seconds + session.expires_at_nanos * 1e-9
+        ttl = max(0, int(expires_at - time.time()))
+        if self._info:
+            self._log.info(
+                "session handed out",
+                session_id=session.id,
                 user=mint.user,
-                kind=mint.kind,  # type: ignore[arg-type]
+                device_id=mint.device_id,
+                ttl_seconds=ttl,
+                principal=principal.name,
             )
-            # filled in place: nested messages passed to a constructor are copied
-            answer_session = response.session
-            answer_session.id = session.id
-            answer_session.ttl_seconds = ttl
-            answer_expiry = answer_session.expires_at
-            answer_expiry.seconds = session.expires_at_seconds
-            answer_expiry.nanos = session.expires_at_nanos
-            return response
+        response = pb.MintSessionResponse(
+            client_secret=session.client_secret,
+            workflow_id=session.workflow_id,
+            user=mint.user,
+            kind=mint.kind,  # type: ignore[arg-type]
+        )
+        # filled in place: nested messages passed to a constructor are copied
+        answer_session = response.session
+        answer_session.id = session.id
+        answer_session.ttl_seconds = ttl
+        answer_expiry = answer_session.expires_at
+        answer_expiry.seconds = session.expires_at_seconds
+        answer_expiry.nanos = session.expires_at_nanos
+        return response
 
-        return await self._unary(context, "MintSession", work)
-
-    def _mint(self, mint: validation.MintRequest) -> Awaitable[MintedSession]:
+    def _session_options(self, mint: validation.MintRequest) -> SessionOptions | None:
+        """The pool key of a ChatKit session; None for a Realtime secret, which is not pooled."""
         if mint.kind == pb.SESSION_KIND_REALTIME:
-            return self._mint_realtime(mint)
-        options = self._chatkit.session_options(
+            return None
+        return self._chatkit.session_options(
             mint.user,
             version=mint.version,
             state_variables=mint.state_variables,
             ttl_seconds=mint.ttl_seconds,
         )
+
+    def _mint(
+        self, mint: validation.MintRequest, options: SessionOptions | None
+    ) -> Awaitable[MintedSession]:
+        if options is None:
+            return self._mint_realtime(mint)
         return self._chatkit.pool.get(options)  # recorded by the pool's on_minted hook
 
     async def _mint_realtime(self, mint: validation.MintRequest) -> MintedSession:

@@ -79,11 +79,13 @@ class MintRequest(NamedTuple):
 
 def mint_request(request: pb.MintSessionRequest) -> MintRequest:
     """Validate a MintSession request for a ChatKit session."""
+    # each field read once: every read of a protobuf field looks it up by name
+    user, device_id, requested_kind = request.user, request.device_id, request.kind
     violations: list[FieldViolation] = []
-    _check_id("user", request.user, violations, required=True)
-    _check_id("device_id", request.device_id, violations, required=False)
-    if request.kind not in _SESSION_KINDS:
-        violations.append(FieldViolation("kind", f"unknown session kind {request.kind}"))
+    _check_id("user", user, violations, required=True)
+    _check_id("device_id", device_id, violations, required=False)
+    if requested_kind not in _SESSION_KINDS:
+        violations.append(FieldViolation("kind", f"unknown session kind {requested_kind}"))
     version: str | None = None
     if request.HasField("version"):
         version = request.version
@@ -96,12 +98,13 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
         elif len(version) > 64 or _CONTROL.search(version):
             violations.append(FieldViolation("version", "must be at most 64 printable characters"))
     variables: list[tuple[str, str]] = []
-    if len(request.state_variables) > MAX_STATE_VARIABLES:
+    state_variables = request.state_variables
+    if len(state_variables) > MAX_STATE_VARIABLES:
         violations.append(
             FieldViolation("state_variables", f"must have at most {MAX_STATE_VARIABLES} entries")
         )
-    elif request.state_variables:  # usually empty: nothing to sort
-        for name in sorted(request.state_variables):
+    elif state_variables:  # usually empty: nothing to sort
+        for name in sorted(state_variables):
             if not name or len(name) > 64 or _CONTROL.search(name):
                 violations.append(
                     FieldViolation(
@@ -109,10 +112,12 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
                     )
                 )
                 continue
-            encoded = _state_variable(name, request.state_variables[name], violations)
+            encoded = _state_variable(name, state_variables[name], violations)
             if encoded is not None:
                 variables.append((name, encoded))
-    kind = pb.SESSION_KIND_CHATKIT if request.kind == pb.SESSION_KIND_UNSPECIFIED else request.kind
+    kind = (
+        pb.SESSION_KIND_CHATKIT if requested_kind == pb.SESSION_KIND_UNSPECIFIED else requested_kind
+    )
     ttl: int | None = None
     if request.HasField("ttl_seconds"):
         ttl = request.ttl_seconds
@@ -128,7 +133,7 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
         )
     if violations:
         raise invalid_argument(violations)
-    return MintRequest(kind, request.user, request.device_id, version, tuple(variables), ttl)
+    return MintRequest(kind, user, device_id, version, tuple(variables), ttl)
 
 
 def chat_request(request: pb.ChatRequest, max_message_bytes: int = MAX_MESSAGE_BYTES) -> ChatTurn:

@@ -55,6 +55,11 @@ class Limiter(ABC):
     def __init__(self, config: LimitConfig) -> None:
         self.config = config
 
+    @property
+    def limits_rate(self) -> bool:
+        """False when the request rate is not limited: `admit` would admit every request."""
+        return self.config.rate_per_minute > 0
+
     @abstractmethod
     async def admit(self, user: str) -> None:
         """Take one request from the user's bucket, or raise RESOURCE_EXHAUSTED."""

@@ -106,15 +106,10 @@ class ChatKitUpstream:
         MintSession without overrides shares Chat's pooled session."""
         if self.self_hosted:
             raise _mint_not_supported()
-        return SessionOptions(
-            user=user,
-            workflow_id=self._require_workflow(),
-            version=version,
-            state_variables=state_variables,
-            ttl_seconds=ttl_seconds
-            if ttl_seconds is not None
-            else self._config.default_ttl_seconds,
-        )
+        if ttl_seconds is None:
+            ttl_seconds = self._config.default_ttl_seconds
+        # positional: a named tuple's keyword arguments cost a dict per call
+        return SessionOptions(user, self._require_workflow(), version, state_variables, ttl_seconds)
 
     # -- minting ---------------------------------------------------------------------------
 

@@ -63,6 +63,15 @@ class SessionPool:
         age = self._clock() - session.minted_at_monotonic
         return age < session.lifetime_seconds * self._refresh_fraction
 
+    def pooled(self, options: SessionOptions) -> MintedSession | None:
+        """The pooled session for `options` while it is fresh (a hit), else None."""
+        session = self._sessions.get(options)
+        if session is not None and self.is_fresh(session):
+            self._sessions.move_to_end(options)
+            self.stats.hits += 1
+            return session
+        return None
+
     async def get(self, options: SessionOptions) -> MintedSession:
         """A fresh session for `options`: pooled if possible, else minted once for all callers."""
         session = self._sessions.get(options)
