@@ -108,7 +108,7 @@ class ChatKitUpstream:
             raise _mint_not_supported()
         if ttl_seconds is None:
             ttl_seconds = self._config.default_ttl_seconds
-        # positional: a named tuple's keyword arguments cost a dict per call
+        # in field order: built on every MintSession and Chat turn
         return SessionOptions(user, self._require_workflow(), version, state_variables, ttl_seconds)
 
     # -- minting ---------------------------------------------------------------------------

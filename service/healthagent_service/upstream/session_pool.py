@@ -74,13 +74,10 @@ class SessionPool:
 
     async def get(self, options: SessionOptions) -> MintedSession:
         """A fresh session for `options`: pooled if possible, else minted once for all callers."""
-        session = self._sessions.get(options)
+        session = self.pooled(options)
         if session is not None:
-            if self.is_fresh(session):
-                self._sessions.move_to_end(options)
-                self.stats.hits += 1
-                return session
-            del self._sessions[options]
+            return session
+        if self._sessions.pop(options, None) is not None:  # pooled, but due for a refresh
             self.stats.refreshes += 1
         self.stats.misses += 1
         for _ in range(3):
