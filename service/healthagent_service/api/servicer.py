@@ -253,7 +253,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         # write, about a fifth of a MintSession's server time (docs/benchmarks.md).
         context.set_trailing_metadata(request_id)
         try:
-            principal = await self._auth.authenticate(metadata)
+            # with authentication off, anonymous without awaiting a coroutine for it
+            auth = self._auth
+            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
             response = await work(principal)
         except HealthAgentError as error:
             await self._fail(context, error, started)
@@ -268,14 +270,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     async def MintSession(  # noqa: N802 - the name is the RPC's
         self, request: pb.MintSessionRequest, context: Context
     ) -> pb.MintSessionResponse:
-        # Not through `_unary`, and with no coroutine for a step that does not wait (no
-        # credentials to check, no rate to take, a pooled session): a call is mostly Python,
-        # and each layer costs its instructions and its cache misses (docs/benchmarks.md).
-        started, metadata, request_id = _begin(context, "MintSession")
-        context.set_trailing_metadata(request_id)  # see `_unary`
-        try:
-            auth = self._auth
-            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
+        async def work(principal: Principal) -> pb.MintSessionResponse:
+            # no coroutine for a step that does not wait (no rate to take, a pooled session):
+            # a call is mostly Python, and each layer costs its instructions and its cache
+            # misses (docs/benchmarks.md)
             mint = validation.mint_request(request)
             principal.check_user(mint.user)
             if self._limiter.limits_rate:
@@ -284,14 +282,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             session = self._chatkit.pool.pooled(options) if options is not None else None
             if session is None:
                 session = await self._mint(mint, options)
-            response = self._minted(mint, session, principal)
-        except HealthAgentError as error:
-            await self._fail(context, error, started)
-        except Exception as exc:
-            await self._fail(context, _internal(exc), started)
-        if self._info:
-            self._log.info("rpc finished", duration_ms=_ms_since(started))
-        return response
+            return self._minted(mint, session, principal)
+
+        return await self._unary(context, "MintSession", work)
 
     def _minted(
         self, mint: validation.MintRequest, session: MintedSession, principal: Principal
@@ -368,7 +361,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         # a caller that takes no message in time: the watchdog cancels this handler
         stall = Deadline(handler.cancel if handler is not None else lambda: None)
         try:
-            principal = await self._auth.authenticate(metadata)
+            auth = self._auth
+            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
             turn = validation.chat_request(request, self._max_message_bytes)
             await self._admit(principal, turn.user)
             if self._info:
