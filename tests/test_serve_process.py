@@ -205,18 +205,18 @@ def test_sigterm_drains_in_flight_streams() -> None:
     assert "shutting down" in log and "Traceback" not in log
 
 
-def test_the_default_four_grpc_servers_share_the_port_and_all_serve(
+def test_the_default_sixteen_grpc_servers_share_the_port_and_all_serve(
     serve_process: ServeProcess,
 ) -> None:
     port = int(serve_process.address.rpartition(":")[2])
-    assert len(port_sockets(port)) == 4
-    # The kernel hands each connection to one of the four listeners: 40 connections miss one
-    # of them with odds of 4 in 10^5, and a call on a listener whose server is not serving
+    assert len(port_sockets(port)) == 16
+    # The kernel hands each connection to one of the sixteen listeners: 250 connections miss
+    # one of them with odds of 2 in 10^6, and a call on a listener whose server is not serving
     # would time out.
-    for index in range(40):
+    for index in range(250):
         options = [("test.channel", index)]  # else gRPC shares one connection among them
         with grpc.insecure_channel(serve_process.address, options=options) as channel:
-            request = pb.ChatRequest(message="[chunks=2] hi", user=f"spread-{index}")
+            request = pb.ChatRequest(message="[chunks=1] hi", user=f"spread-{index}")
             events = list(pb_grpc.HealthAgentStub(channel).Chat(request, timeout=10))
             assert events[-1].WhichOneof("event") == "response_done"
 
@@ -239,9 +239,9 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
     )
     assert bad.returncode == 2
     assert "invalid setting HEALTHAGENT_UPSTREAM" in bad.stderr
-    # the port is held by four servers sharing it (SO_REUSEPORT); neither another group of
+    # the port is held by sixteen servers sharing it (SO_REUSEPORT); neither another group of
     # them nor a single server may join
-    for servers in ("4", "1"):
+    for servers in ("16", "1"):
         assert_refused_to_start(serve_process.address, HEALTHAGENT_GRPC_SERVERS=servers)
     single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
     try:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_WORKERS = 256
-MAX_GRPC_SERVERS = 16
+MAX_GRPC_SERVERS = 64
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 EMULATOR_WORKFLOW_ID = "wf_emulator"
@@ -106,11 +106,12 @@ class Settings(BaseSettings):
 
     listen: str = Field(default=DEFAULT_LISTEN, alias="HEALTHAGENT_LISTEN")
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS, alias="HEALTHAGENT_WORKERS")
-    # grpc.aio takes up one new call at a time per server (per registered method), a round
-    # of its loop each: several servers on the one port take up new calls sooner when the
-    # loop is busy (docs/benchmarks.md, "10,000 streams")
+    # grpc.aio takes up one new call at a time per server, a round of its loop each: several
+    # servers on the one port take up new calls sooner when the loop is busy; 16 is the
+    # fewest that carried the 10,000-stream target on a slow host (docs/benchmarks.md,
+    # "10,000 streams")
     grpc_servers: int = Field(
-        default=4, ge=1, le=MAX_GRPC_SERVERS, alias="HEALTHAGENT_GRPC_SERVERS"
+        default=16, ge=1, le=MAX_GRPC_SERVERS, alias="HEALTHAGENT_GRPC_SERVERS"
     )
     # set by the supervisor of `serve --workers N` in each worker's environment, never by hand
     worker_index: int | None = Field(default=None, ge=0, alias="HEALTHAGENT_WORKER_INDEX")
