@@ -822,8 +822,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100, 1000]
     )
     parser.add_argument("--chunks", type=int, default=CHUNKS)
+    # five, as for MintSession: with three, two slow rounds in one phase decide its median,
+    # and on this machine one round in four or so is slow (docs/benchmarks.md, run 25)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds of bare and healthagent in each phase"
+        "--rounds", type=int, default=5, help="rounds of bare and healthagent in each phase"
     )
     parser.add_argument(
         "--seconds", type=float, default=5.0, help="throughput phase length, per round"
