@@ -241,7 +241,7 @@ def test_bad_settings_and_taken_port_refuse_to_start(serve_process: ServeProcess
     assert "invalid setting HEALTHAGENT_UPSTREAM" in bad.stderr
     # the port is held by sixteen servers sharing it (SO_REUSEPORT); neither another group of
     # them nor a single server may join
-    for servers in ("16", "1"):
+    for servers in ("16", "4", "1"):
         assert_refused_to_start(serve_process.address, HEALTHAGENT_GRPC_SERVERS=servers)
     single = start_serve(HEALTHAGENT_GRPC_SERVERS="1")
     try:

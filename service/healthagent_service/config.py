@@ -107,9 +107,9 @@ class Settings(BaseSettings):
     listen: str = Field(default=DEFAULT_LISTEN, alias="HEALTHAGENT_LISTEN")
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS, alias="HEALTHAGENT_WORKERS")
     # grpc.aio takes up one new call at a time per server, a round of its loop each: several
-    # servers on the one port take up new calls sooner when the loop is busy; 16 is the
-    # fewest that carried the 10,000-stream target on a slow host (docs/benchmarks.md,
-    # "10,000 streams")
+    # servers on the one port take up new calls sooner when the loop is busy; 16 carried the
+    # 10,000-stream target on a host where 4 did not (docs/benchmarks.md, "Sixteen servers,
+    # and five rounds")
     grpc_servers: int = Field(
         default=16, ge=1, le=MAX_GRPC_SERVERS, alias="HEALTHAGENT_GRPC_SERVERS"
     )
