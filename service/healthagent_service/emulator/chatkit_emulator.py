@@ -6,7 +6,10 @@ Routes (under the `/v1` prefix of `OPENAI_BASE_URL`):
   401 for a bad key; 404 for an unknown workflow or session).
 - `POST /v1/chatkit/conversation`: `threads.create`, `threads.add_user_message` and
   `threads.add_client_tool_output`, streamed as SSE exactly as `ChatKitServer` does.
-- `GET /_emulator/stats`: counters that tests use to observe the upstream side.
+- `POST /v1/responses`, `POST /v1/chat/completions`: the model APIs an Agents SDK agent calls
+  (`model_api.py`), steered by the same trigger phrases.
+- `GET /_emulator/stats`: counters that tests use to observe the upstream side, and the latest
+  model requests; `GET /_emulator/model_requests`: every kept model request.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from healthagent_service.emulator.http_server import (
     HttpResponse,
     HttpServer,
 )
+from healthagent_service.emulator.model_api import STATS_RECORDS, ModelApi, ModelRequestRecord
 from healthagent_service.emulator.realtime_emulator import RealtimeEmulator
 from healthagent_service.emulator.script import (
     FATAL_MESSAGE,
@@ -85,7 +89,11 @@ class EmulatedThread:
 
 @dataclass(slots=True)
 class EmulatorStats:
-    """What happened upstream, for tests and demos."""
+    """What happened upstream, for tests and demos.
+
+    `streams_*` and `chunks_sent` count every streamed body, ChatKit's and the model APIs';
+    `model_*` count the model APIs alone (their requests are in `ChatKitEmulator.model_requests`).
+    """
 
     sessions_minted: int = 0
     sessions_cancelled: int = 0
@@ -97,6 +105,10 @@ class EmulatorStats:
     # time.monotonic() when the last client was seen leaving (CLOCK_MONOTONIC is shared by all
     # processes on the machine, so a benchmark can measure cancellation latency against it).
     last_disconnect_at: float = 0.0
+    model_requests: int = 0  # POST /v1/responses and /v1/chat/completions
+    model_requests_rejected: int = 0  # answered with an HTTP error status (401, 400, [http NNN])
+    model_streams_completed: int = 0  # streamed to their terminal event
+    model_streams_disconnected: int = 0  # the client left before the body ended
 
 
 def _json(status: int, body: bytes) -> HttpResponse:
@@ -120,8 +132,14 @@ class ChatKitEmulator:
         self._sessions: dict[str, EmulatedSession] = {}
         self._by_secret: dict[str, EmulatedSession] = {}
         self._threads: OrderedDict[str, EmulatedThread] = OrderedDict()
+        self.model_api = ModelApi(self)
         self._http = HttpServer(self.handle, on_disconnect=self._disconnected)
         self.port = 0
+
+    @property
+    def model_requests(self) -> deque[ModelRequestRecord]:
+        """The latest model API requests (at most 1,000), oldest first."""
+        return self.model_api.requests
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on host:port; return the port."""
@@ -143,11 +161,18 @@ class ChatKitEmulator:
             stats: dict[str, Any] = asdict(self.stats)
             if self.realtime is not None:
                 stats["realtime"] = self.realtime.stats_json()
+            stats["model_requests_latest"] = self.model_api.records_json(STATS_RECORDS)
             return _json(200, json.dumps(stats).encode())
+        if request.method == "GET" and path == "/_emulator/model_requests":
+            return _json(200, json.dumps({"data": self.model_api.records_json()}).encode())
         if request.method != "POST":
             return _error(405, f"Method {request.method} not allowed.", None)
         if path == "/v1/chatkit/conversation":
             return await self._conversation(request)
+        if path == "/v1/responses":
+            return await self.model_api.responses(request)
+        if path == "/v1/chat/completions":
+            return await self.model_api.chat_completions(request)
         if path == "/v1/chatkit/sessions":
             return self._create_session(request)
         if path == "/v1/realtime/client_secrets" and self.realtime is not None:

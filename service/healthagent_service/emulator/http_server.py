@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -37,16 +38,22 @@ class HttpRequest:
 
 @dataclass(slots=True)
 class HttpResponse:
-    """A response with either a fixed `body` or a `stream` of body pieces."""
+    """A response with either a fixed `body` or a `stream` of body pieces.
+
+    `on_client_left` is called, after the stream's clean-up, with the `time.monotonic()` at
+    which the server noticed that the client had gone before the streamed body ended.
+    """
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     stream: AsyncGenerator[bytes, None] | None = None
+    on_client_left: Callable[[float], None] | None = None
 
 
 class DropConnection(Exception):  # noqa: N818 - it is an instruction, not an error
-    """Raised by a body stream to cut the connection without finishing the response."""
+    """Raised by a body stream to cut the connection without finishing the response, or by a
+    handler to cut it without any response."""
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -107,6 +114,8 @@ class HttpServer:
             else:
                 try:
                     response = await self._handler(request)
+                except DropConnection:
+                    raise
                 except Exception:
                     log.exception("emulator handler failed")
                     response = HttpResponse(500, body=b'{"error":{"message":"emulator failure"}}')
@@ -136,12 +145,14 @@ class HttpServer:
         pump = asyncio.create_task(_pump(conn, writer, stream))
         watcher = asyncio.create_task(reader.read(_READ_SIZE))
         client_left = False
+        left_at = 0.0
         try:
             done, _ = await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if pump not in done:
                 data = b"" if watcher.exception() is not None else watcher.result()
                 if not data:  # EOF or reset while streaming: the client left
                     client_left = True
+                    left_at = time.monotonic()
                     return False
                 conn.receive_data(data)  # an early next request; keep it for later
                 await asyncio.wait({pump})
@@ -150,6 +161,7 @@ class HttpServer:
                 return True
             if isinstance(error, ConnectionError):  # the client left while we were writing
                 client_left = True
+                left_at = time.monotonic()
                 return False
             raise error
         finally:
@@ -159,6 +171,8 @@ class HttpServer:
             await stream.aclose()  # runs the body's own clean-up now, not at GC time
             # reported only after the body's clean-up, so observers never see a
             # disconnect counted while its stream still looks open
+            if client_left and response.on_client_left is not None:
+                response.on_client_left(left_at)
             if client_left and self._on_disconnect is not None:
                 self._on_disconnect()
 

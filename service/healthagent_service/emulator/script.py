@@ -47,6 +47,11 @@ MAX_CHUNKS = 100_000
 _HTTP_TRIGGER = re.compile(r"\[http (\d{3})\]", re.IGNORECASE)
 _CHUNKS_TRIGGER = re.compile(r"\[chunks=(\d{1,6})\]", re.IGNORECASE)
 _PACE_TRIGGER = re.compile(r"\[pace=(\d{1,5})\]", re.IGNORECASE)
+# `[call NAME` opens the trigger; the optional JSON arguments and the `]` are parsed after it,
+# so arguments may hold brackets and nested objects.
+_CALL_TRIGGER = re.compile(r"\[call\s+([A-Za-z0-9_-]{1,64})\s*", re.IGNORECASE)
+_JSON = json.JSONDecoder()
+CALL_PREAMBLE = "Let me look that up."
 MAX_PACE_MS = 60_000
 _FILLER = "lorem ipsum dolor "  # 18 bytes; with the index, chunks are about 20 bytes
 
@@ -71,6 +76,9 @@ class Reply:
     rate_limited: bool = False
     pace_ms: int | None = None  # milliseconds between chunks, overriding the emulator's setting
     stamp: bool = False  # each chunk's text is replaced by its send time (see `stamp_text`)
+    # Model APIs only: (tool name, JSON arguments) the model calls after the text, when the
+    # request offers a function tool of that name.
+    function_calls: tuple[tuple[str, str], ...] = ()
 
     @property
     def text(self) -> str:
@@ -102,9 +110,13 @@ def plan_reply(
         chunks = split_words(
             f"You said: {message.strip()}. This reply comes from the HealthAgent emulator."
         )
+    calls = requested_calls(message)
     tool = "[tool]" in lowered
     if tool:
         chunks = split_words("Let me look at your recent activity.")
+        calls = ((TOOL_NAME, compact_json(TOOL_ARGUMENTS)), *calls)
+    elif calls and count is None:
+        chunks = split_words(CALL_PREAMBLE)
     return Reply(
         chunks=chunks,
         notice=NOTICE if "[notice]" in lowered else None,
@@ -122,7 +134,35 @@ def plan_reply(
         rate_limited="[ratelimit]" in lowered,
         pace_ms=min(MAX_PACE_MS, int(pace.group(1))) if pace else None,
         stamp="[stamp]" in lowered,
+        function_calls=calls,
     )
+
+
+def requested_calls(message: str) -> tuple[tuple[str, str], ...]:
+    """The `[call NAME {json}]` triggers in `message`: (name, compact JSON arguments) each.
+
+    The arguments must be one JSON object (default `{}`); a trigger whose arguments do not
+    parse, or are not an object, is not a trigger.
+    """
+    calls: list[tuple[str, str]] = []
+    for match in _CALL_TRIGGER.finditer(message):
+        arguments: Any = {}
+        end = match.end()
+        if message.startswith("{", end):
+            try:
+                arguments, end = _JSON.raw_decode(message, end)
+            except ValueError:
+                continue
+            while end < len(message) and message[end].isspace():
+                end += 1
+        if isinstance(arguments, dict) and message.startswith("]", end):
+            calls.append((match.group(1), compact_json(arguments)))
+    return tuple(calls)
+
+
+def compact_json(value: Any) -> str:
+    """JSON as models write tool arguments: no spaces."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def stamp_text(monotonic_ns: int) -> str:
