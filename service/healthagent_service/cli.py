@@ -16,7 +16,12 @@ from google.protobuf import json_format
 from pydantic import ValidationError
 
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
-from healthagent_service.config import DEFAULT_LISTEN, MAX_WORKERS, Settings
+from healthagent_service.config import (
+    DEFAULT_AGENT_LISTEN,
+    DEFAULT_LISTEN,
+    MAX_WORKERS,
+    Settings,
+)
 from healthagent_service.listen import parse_listen
 from healthagent_service.logging import configure_logging
 from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
@@ -43,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=_worker_count,
         help="server processes sharing the port, one per core (default HEALTHAGENT_WORKERS or 1)",
+    )
+    agent = commands.add_parser(
+        "agent",
+        help="run the agent server: ChatKit on the Agents SDK (needs the 'agent' extra)",
+    )
+    agent.add_argument(
+        "--listen", help=f"HOST:PORT (default HEALTHAGENT_AGENT_LISTEN or {DEFAULT_AGENT_LISTEN})"
     )
     chat = commands.add_parser("chat", help="send one message and print the reply as it streams")
     chat.add_argument("--target", default=DEFAULT_TARGET)
@@ -169,7 +181,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"healthagent: invalid setting {setting}: {problem['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    needs_agent = options.command == "agent" or (
+        options.command == "serve" and settings.supervises_agent
+    )
+    if needs_agent:
+        from healthagent_service.agent_process import missing_agent_extra
+
+        missing = missing_agent_extra()
+        if missing is not None:
+            mode = "" if options.command == "agent" else " (HEALTHAGENT_UPSTREAM=agent)"
+            print(f"healthagent: {options.command}{mode}: {missing}", file=sys.stderr)
+            return 2
     try:
+        if options.command == "agent":
+            from healthagent_service.agent.app import run_agent_server
+
+            asyncio.run(run_agent_server(settings, options.listen))
+            return 0
         if options.command == "serve":
             if options.workers is not None:
                 settings.workers = options.workers

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MAX_WORKERS = 256
 MAX_GRPC_SERVERS = 64
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_AGENT_LISTEN = "127.0.0.1:8790"
+DEFAULT_AGENT_TOKEN_AUDIENCE = "healthagent-agent"
+MAX_AGENT_TOKEN_TTL_SECONDS = 600
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 EMULATOR_WORKFLOW_ID = "wf_emulator"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -24,6 +27,14 @@ class UpstreamKind(StrEnum):
     CHATKIT = "chatkit"
     REALTIME = "realtime"
     EMULATOR = "emulator"  # ChatKit protocol, answered by the built-in emulator
+    AGENT = "agent"  # the project's own agent server (`healthagent agent`), ChatKit protocol
+
+
+class AgentModelApi(StrEnum):
+    """Which OpenAI-compatible API the agent server's model is reached through."""
+
+    RESPONSES = "responses"
+    CHAT_COMPLETIONS = "chat_completions"
 
 
 DEFAULT_REALTIME_INSTRUCTIONS = (
@@ -141,6 +152,24 @@ class Settings(BaseSettings):
         default=10_000, ge=1, alias="HEALTHAGENT_REALTIME_MAX_CONVERSATIONS"
     )
 
+    # The agent server (`healthagent agent`, and `serve` with HEALTHAGENT_UPSTREAM=agent)
+    agent: str | None = Field(default=None, alias="HEALTHAGENT_AGENT")
+    agent_model: str | None = Field(default=None, alias="HEALTHAGENT_AGENT_MODEL")
+    agent_base_url: str | None = Field(default=None, alias="HEALTHAGENT_AGENT_BASE_URL")
+    agent_api: AgentModelApi = Field(default=AgentModelApi.RESPONSES, alias="HEALTHAGENT_AGENT_API")
+    agent_listen: str = Field(default=DEFAULT_AGENT_LISTEN, alias="HEALTHAGENT_AGENT_LISTEN")
+    agent_tracing: bool = Field(default=False, alias="HEALTHAGENT_AGENT_TRACING")
+    agent_token_secret: SecretStr | None = Field(
+        default=None, alias="HEALTHAGENT_AGENT_TOKEN_SECRET"
+    )
+    agent_token_audience: str = Field(
+        default=DEFAULT_AGENT_TOKEN_AUDIENCE, min_length=1, alias="HEALTHAGENT_AGENT_TOKEN_AUDIENCE"
+    )
+    agent_history_items: int = Field(
+        default=100, ge=1, le=1000, alias="HEALTHAGENT_AGENT_HISTORY_ITEMS"
+    )
+    agent_max_turns: int = Field(default=10, ge=1, le=100, alias="HEALTHAGENT_AGENT_MAX_TURNS")
+
     shutdown_drain_seconds: float = Field(
         default=2.0, ge=0, alias="HEALTHAGENT_SHUTDOWN_DRAIN_SECONDS"
     )
@@ -183,7 +212,7 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, alias="HEALTHAGENT_EMULATOR_REALTIME_SESSION_SECONDS"
     )
 
-    @field_validator("openai_base_url", "chatkit_url", "realtime_url")
+    @field_validator("openai_base_url", "chatkit_url", "realtime_url", "agent_base_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
@@ -194,16 +223,24 @@ class Settings(BaseSettings):
         "database_url",
         "auth_jwt_secret",
         "redis_url",
+        "agent_token_secret",
         mode="before",
     )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("upstream", mode="before")
+    @field_validator("upstream", "agent", "agent_model", "agent_base_url", mode="before")
     @classmethod
-    def _empty_upstream_is_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("agent_token_secret")
+    @classmethod
+    def _token_secret_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (it signs the agent's user tokens)")
+        return value
 
     @field_validator("chatkit_auth_header")
     @classmethod
@@ -217,11 +254,14 @@ class Settings(BaseSettings):
 
     @property
     def effective_upstream(self) -> UpstreamKind:
-        """`chatkit` when a key or a self-hosted server is configured, else the emulator."""
+        """HEALTHAGENT_UPSTREAM when set; else `chatkit` for a self-hosted server or a hosted
+        workflow (a key and a workflow id), `agent` for a key alone, else the emulator."""
         if self.upstream is not None:
             return self.upstream
-        if self.openai_api_key is not None or self.chatkit_url:
+        if self.chatkit_url or (self.openai_api_key is not None and self.openai_workflow_id):
             return UpstreamKind.CHATKIT
+        if self.openai_api_key is not None:
+            return UpstreamKind.AGENT
         return UpstreamKind.EMULATOR
 
     @property
@@ -235,8 +275,18 @@ class Settings(BaseSettings):
 
     @property
     def self_hosted(self) -> bool:
-        """True when Chat goes to a self-hosted ChatKit server (no sessions are minted)."""
-        return self.effective_upstream is UpstreamKind.CHATKIT and bool(self.chatkit_url)
+        """True when Chat goes to a self-hosted ChatKit server (no hosted sessions are minted):
+        one at HEALTHAGENT_CHATKIT_URL, or the agent server."""
+        upstream = self.effective_upstream
+        return upstream is UpstreamKind.AGENT or (
+            upstream is UpstreamKind.CHATKIT and bool(self.chatkit_url)
+        )
+
+    @property
+    def supervises_agent(self) -> bool:
+        """True when `serve` runs the agent server itself, as a child process (agent mode
+        without HEALTHAGENT_CHATKIT_URL naming one run elsewhere)."""
+        return self.effective_upstream is UpstreamKind.AGENT and not self.chatkit_url
 
     @property
     def auth_configured(self) -> bool:
@@ -251,6 +301,7 @@ class Settings(BaseSettings):
             self.database_url,
             self.auth_jwt_secret,
             self.redis_url,
+            self.agent_token_secret,
         ]
         values = [s.get_secret_value() for s in secrets if s is not None]
         if self.chatkit_auth_header is not None:  # the value alone, without "Name: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from types import TracebackType
 
@@ -112,3 +113,13 @@ def _hold(family: int, kind: int, proto: int, address: tuple[object, ...]) -> so
         holder.close()
         raise
     return holder
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

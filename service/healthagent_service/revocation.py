@@ -62,6 +62,10 @@ class SessionRevoker:
                     session_id=session_id,
                     reason=error.reason,
                 )
+        if self._chatkit.mints_agent_tokens:
+            # the agent server checks tokens itself: it must hear of the logout, or the
+            # user's tokens keep working; a failure here fails the call, to be retried
+            await self._chatkit.revoke_agent_tokens(user)
         await self._store.announce_revocation(user)
         log.info("sessions revoked", user=user, revoked=len(revoked), closed_sockets=closed)
         return len(revoked), closed

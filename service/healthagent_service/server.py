@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 import signal
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.agent_process import AgentProcess, missing_agent_extra
 from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
 from healthagent_service.emulator.embedded import Emulator, start_emulator
@@ -25,14 +25,24 @@ from healthagent_service.history.backends import describe_store, store_from_sett
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
-from healthagent_service.listen import PortReservation, join_listen, parse_listen, reserve_port
+from healthagent_service.listen import (
+    PortReservation,
+    is_loopback,
+    join_listen,
+    parse_listen,
+    reserve_port,
+)
 from healthagent_service.memory import trim_memory_when_quiet
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
 from healthagent_service.security.auth import ApiKey, Authenticator, JwksCache
 from healthagent_service.security.limits import LimitConfig, Limiter, MemoryLimiter, RedisLimiter
 from healthagent_service.security.redaction import REDACTOR
-from healthagent_service.upstream.chatkit import ChatKitConfig, ChatKitUpstream
+from healthagent_service.upstream.chatkit import (
+    AgentTokenConfig,
+    ChatKitConfig,
+    ChatKitUpstream,
+)
 from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.realtime import RealtimeConfig, RealtimeUpstream
@@ -122,6 +132,8 @@ class RunningServer:
     http: ShardedHttpClient
     emulator: Emulator | None
     upstream_description: str
+    # the supervised agent server, in agent mode without HEALTHAGENT_CHATKIT_URL
+    agent: AgentProcess | None = None
 
     async def stop(self, grace: float | None, drain: float = 0.0) -> None:
         """Flip health to NOT_SERVING; keep serving for `drain` s so load balancers see it;
@@ -148,6 +160,48 @@ class RunningServer:
         await self.http.aclose()
         if self.emulator is not None:
             await self.emulator.close()
+        if self.agent is not None:
+            await self.agent.stop()
+
+
+def _auth_header(settings: Settings) -> tuple[str, str] | None:
+    if settings.chatkit_auth_header is None:
+        return None
+    name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+    return name.strip(), value.strip()
+
+
+def _agent_chatkit_config(settings: Settings, agent: AgentProcess | None) -> ChatKitConfig:
+    """Agent mode: the supervised child, or the agent server at HEALTHAGENT_CHATKIT_URL."""
+    url: str | None
+    auth: tuple[str, str] | None
+    secret: str | None
+    if agent is not None:
+        url, auth, secret = (
+            agent.endpoint.url,
+            agent.endpoint.auth_header,
+            agent.endpoint.token_secret,
+        )
+    else:
+        url, auth = settings.chatkit_url, _auth_header(settings)
+        secret = (
+            settings.agent_token_secret.get_secret_value() if settings.agent_token_secret else None
+        )
+    return ChatKitConfig(
+        base_url=settings.openai_base_url,
+        api_key=None,
+        workflow_id=None,
+        self_hosted_url=url,
+        self_hosted_auth=auth,
+        agent_tokens=(
+            AgentTokenConfig(
+                secret, settings.agent_token_audience, settings.session_ttl_seconds or 600
+            )
+            if secret
+            else None
+        ),
+        retry_after_seconds=settings.retry_after_seconds,
+    )
 
 
 def _chatkit_config(
@@ -161,16 +215,12 @@ def _chatkit_config(
             default_ttl_seconds=settings.session_ttl_seconds,
             retry_after_seconds=settings.retry_after_seconds,
         )
-    auth: tuple[str, str] | None = None
-    if settings.chatkit_auth_header is not None:
-        name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
-        auth = (name.strip(), value.strip())
     return ChatKitConfig(
         base_url=settings.openai_base_url,
         api_key=api_key,
         workflow_id=settings.openai_workflow_id,
         self_hosted_url=settings.chatkit_url if settings.self_hosted else None,
-        self_hosted_auth=auth,
+        self_hosted_auth=_auth_header(settings),
         default_ttl_seconds=settings.session_ttl_seconds,
         retry_after_seconds=settings.retry_after_seconds,
     )
@@ -195,16 +245,6 @@ def _realtime_config(
         socket_max_age_seconds=settings.realtime_session_max_seconds,
         retry_after_seconds=settings.retry_after_seconds,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(settings: Settings, host: str) -> None:
@@ -286,6 +326,10 @@ def describe_upstream(settings: Settings) -> str:
             f"EMULATOR ({protocol} protocol) - replies are simulated by the built-in "
             "emulator, not OpenAI"
         )
+    if settings.supervises_agent:
+        return "the agent server (`healthagent agent`, a supervised child process)"
+    if settings.effective_upstream is UpstreamKind.AGENT:
+        return f"the agent server at {settings.chatkit_url}"
     if settings.self_hosted:
         return f"self-hosted ChatKit server at {settings.chatkit_url}"
     if protocol == "Realtime":
@@ -317,15 +361,29 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         max_connections=settings.upstream_max_connections,
     )
     store = store_from_settings(settings)
+    agent: AgentProcess | None = None
     try:
         await store.open()
+        if settings.supervises_agent:
+            problem = missing_agent_extra()
+            if problem is not None:
+                raise ValueError(problem)
+            agent = AgentProcess(settings)
+            REDACTOR.add([agent.endpoint.auth_header[1], agent.endpoint.token_secret])
+            await agent.start()
     except BaseException:
+        await store.close()
         await http.aclose()
         if emulator is not None:
             await emulator.close()
+        if agent is not None:
+            await agent.stop()
         raise
+    agent_mode = settings.effective_upstream is UpstreamKind.AGENT
     chatkit = ChatKitUpstream(
-        _chatkit_config(settings, emulator, api_key),
+        _agent_chatkit_config(settings, agent)
+        if agent_mode
+        else _chatkit_config(settings, emulator, api_key),
         http,
         pool_size=settings.session_pool_size,
         refresh_fraction=settings.session_refresh_fraction,
@@ -403,6 +461,8 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         await http.aclose()
         if emulator is not None:
             await emulator.close()
+        if agent is not None:
+            await agent.stop()
         raise
     if chat is realtime:
         realtime.start()
@@ -425,6 +485,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         http,
         emulator,
         describe_upstream(settings),
+        agent,
     )
 
 

@@ -203,7 +203,9 @@ class TurnRecording:
         if not isinstance(error, HealthAgentError):
             self._outcome = transcript.outcome(Status.INCOMPLETE, error_reason="INTERNAL")
             return
-        text = transcript.partial_text()
+        # text an output guardrail withdrew is not the assistant's answer: not kept
+        withdrawn = "withdrawn_item_ids" in error.metadata
+        text = "" if withdrawn else transcript.partial_text()
         status = Status.INCOMPLETE if text or transcript.tool_calls else Status.FAILED
         self._outcome = transcript.outcome(status, text, error_reason=error.reason)
         if self._message_id is None and self._conversation_id:

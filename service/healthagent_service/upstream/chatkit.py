@@ -23,6 +23,7 @@ from healthagent_service.errors import (
     HealthAgentError,
     conversation_not_found,
 )
+from healthagent_service.security.agent_tokens import issue_agent_token
 from healthagent_service.upstream.chatkit_events import (
     ChatKitTurn,
     protocol_error,
@@ -45,6 +46,22 @@ CHATKIT_BETA_HEADER = ("OpenAI-Beta", "chatkit_beta=v1")
 # Header that carries the end user's id to a self-hosted ChatKit server, to scope its threads.
 FORWARDED_USER_HEADER = "X-HealthAgent-User"
 _MAX_ERROR_BODY_BYTES = 64 * 1024
+# what a MintSession answer names as the workflow of an agent server's user token
+AGENT_WORKFLOW_ID = "agent"
+# the agent server's logout endpoint, relative to its ChatKit URL
+AGENT_REVOKE_PATH = "tokens/revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTokenConfig:
+    """How to sign user tokens for the project's agent server (`security/agent_tokens.py`)."""
+
+    secret: str
+    audience: str
+    default_ttl_seconds: int
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"AgentTokenConfig(audience={self.audience!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +71,10 @@ class ChatKitConfig:
     base_url: str
     api_key: str | None
     workflow_id: str | None
-    # Self-hosted ChatKit server endpoint; when set, no sessions are minted.
+    # Self-hosted ChatKit server endpoint; when set, no hosted sessions are minted.
     self_hosted_url: str | None = None
+    # Set when that server is the project's agent server: MintSession signs its user tokens.
+    agent_tokens: AgentTokenConfig | None = None
     # ("Header-Name", "value") sent to the self-hosted server.
     self_hosted_auth: tuple[str, str] | None = None
     default_ttl_seconds: int | None = None
@@ -90,6 +109,11 @@ class ChatKitUpstream:
         return self._config.self_hosted_url is not None
 
     @property
+    def mints_agent_tokens(self) -> bool:
+        """True when MintSession signs user tokens for the project's agent server."""
+        return self.self_hosted and self._config.agent_tokens is not None
+
+    @property
     def workflow_id(self) -> str:
         """The configured workflow ('' for a self-hosted server)."""
         return "" if self.self_hosted else (self._config.workflow_id or "")
@@ -105,7 +129,11 @@ class ChatKitUpstream:
         """Options for a session of the configured workflow. Chat uses the defaults, so a
         MintSession without overrides shares Chat's pooled session."""
         if self.self_hosted:
-            raise _mint_not_supported()
+            tokens = self._config.agent_tokens
+            if tokens is None:
+                raise _mint_not_supported()
+            ttl = tokens.default_ttl_seconds if ttl_seconds is None else ttl_seconds
+            return SessionOptions(user, AGENT_WORKFLOW_ID, version, state_variables, ttl)
         if ttl_seconds is None:
             ttl_seconds = self._config.default_ttl_seconds
         # in field order: built on every MintSession and Chat turn
@@ -116,7 +144,7 @@ class ChatKitUpstream:
     async def mint(self, options: SessionOptions) -> MintedSession:
         """Mint a new session upstream (no pooling). Use `pool.get` to share sessions."""
         if self.self_hosted:
-            raise _mint_not_supported()
+            return self._issue_agent_token(options)
         key = self._require_key()
         body: dict[str, Any] = {"user": options.user, "workflow": {"id": options.workflow_id}}
         if options.version is not None:
@@ -143,6 +171,42 @@ class ChatKitUpstream:
                 options=options,
             )
         return self._parse_session(response.content, options)
+
+    def _issue_agent_token(self, options: SessionOptions) -> MintedSession:
+        tokens = self._config.agent_tokens
+        if tokens is None:
+            raise _mint_not_supported()
+        issued = issue_agent_token(
+            tokens.secret,
+            tokens.audience,
+            options.user,
+            options.ttl_seconds or tokens.default_ttl_seconds,
+            {name: json.loads(value) for name, value in options.state_variables},
+        )
+        return MintedSession(
+            id=issued.token_id,
+            client_secret=issued.token,
+            expires_at=issued.expires_at,
+            workflow_id=AGENT_WORKFLOW_ID,
+            user=options.user,
+            minted_at_monotonic=time.monotonic(),
+            lifetime_seconds=issued.expires_at.timestamp() - issued.issued_at,
+        )
+
+    async def revoke_agent_tokens(self, user: str) -> None:
+        """Void every user token the agent server would still accept for `user`."""
+        url = httpx.URL(self._conversation_url).join(AGENT_REVOKE_PATH)
+        headers = self._self_hosted_headers(user)
+        try:
+            response = await self._http.for_key(user).post(
+                url, json={"user": user}, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, phase="revoke") from None
+        if response.status_code != 200:
+            raise self._http_error(
+                response.status_code, response.content, response.headers, phase="revoke"
+            )
 
     def _parse_session(self, content: bytes, options: SessionOptions) -> MintedSession:
         try:
@@ -311,7 +375,7 @@ class ChatKitUpstream:
         message, code, param = _parse_error_envelope(content)
         upstream = {"upstream_status": str(status), "upstream_code": code or ""}
         if status in {401, 403}:
-            if phase == "chat" and self.self_hosted:
+            if phase in {"chat", "revoke"} and self.self_hosted:
                 return HealthAgentError(
                     ErrorKind.FAILED_PRECONDITION,
                     "UPSTREAM_AUTH_REJECTED",
@@ -397,7 +461,8 @@ def _mint_not_supported() -> HealthAgentError:
         ErrorKind.FAILED_PRECONDITION,
         "MINT_NOT_SUPPORTED",
         "this service talks to a self-hosted ChatKit server (HEALTHAGENT_CHATKIT_URL), "
-        "which has no sessions to mint; use Chat",
+        "which has no sessions to mint; use Chat (for the project's agent server, set "
+        "HEALTHAGENT_UPSTREAM=agent and HEALTHAGENT_AGENT_TOKEN_SECRET)",
     )
 
 

@@ -13,6 +13,11 @@ from typing import Any
 import structlog
 
 from healthagent_service.errors import ErrorKind, HealthAgentError
+from healthagent_service.upstream.chatkit_effects import (
+    ERROR_EFFECT,
+    TURN_ERROR_KINDS,
+    USAGE_EFFECT,
+)
 from healthagent_service.upstream.events import (
     ChatEvent,
     Notice,
@@ -24,6 +29,7 @@ from healthagent_service.upstream.events import (
     TextDelta,
     TextDone,
     ToolCall,
+    Usage,
 )
 from healthagent_service.upstream.upstream_json import (
     FastDecodeError,
@@ -75,6 +81,27 @@ def upstream_stream_error(event: dict[str, Any], retry_after: float) -> HealthAg
     )
 
 
+def agent_turn_error(data: dict[str, Any], retry_after: float) -> HealthAgentError:
+    """A `healthagent.error` effect (upstream/chatkit_effects.py) as the turn's error."""
+    kind_name = str(data.get("kind") or "")
+    kind = ErrorKind[kind_name] if kind_name in TURN_ERROR_KINDS else ErrorKind.UNAVAILABLE
+    metadata = {str(k): str(v) for k, v in (data.get("metadata") or {}).items()}
+    withdrawn = [str(item_id) for item_id in data.get("withdrawn_item_ids") or ()]
+    if withdrawn:
+        metadata["withdrawn_item_ids"] = ",".join(withdrawn)
+    delay = data.get("retry_after_seconds")
+    retryable = kind in {ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED}
+    return HealthAgentError(
+        kind,
+        str(data.get("reason") or "UPSTREAM_STREAM_ERROR"),
+        str(data.get("message") or "the agent server failed the turn"),
+        retry_after_seconds=(
+            float(delay) if isinstance(delay, int | float) else retry_after if retryable else None
+        ),
+        metadata=metadata,
+    )
+
+
 def truncated_stream(detail: str, retry_after: float) -> HealthAgentError:
     """The upstream stopped before the answer was complete."""
     return HealthAgentError(
@@ -121,6 +148,7 @@ class ChatKitTurn:
         "_session",
         "_texts",
         "_tool_call_pending",
+        "_usage",
     )
 
     def __init__(self, session: SessionStarted, retry_after: float = 1.0) -> None:
@@ -130,6 +158,7 @@ class ChatKitTurn:
         self._open_messages: set[str] = set()
         self._texts: dict[str, str] = {}  # assistant message id -> its whole text, in order
         self._tool_call_pending = False
+        self._usage: Usage | None = None
         self._events_seen = 0
         self._retry_after = retry_after
 
@@ -183,12 +212,28 @@ class ChatKitTurn:
                 return Notice(level, event.get("message", ""), event.get("title") or "")
             if kind == "error":
                 raise upstream_stream_error(event, self._retry_after)
+            if kind == "client_effect":
+                return self._effect(event, data)
             if kind not in KNOWN_EVENT_TYPES and kind not in _unknown_types_logged:
                 _unknown_types_logged.add(kind)
                 log.warning("unknown upstream event type passed through", event_type=kind)
             return Passthrough(kind, data.decode())
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise self._protocol_error(f"{kind} event lacks {exc}") from None
+
+    def _effect(self, event: dict[str, Any], data: bytes) -> ChatEvent | None:
+        name = event["name"]
+        effect = event.get("data") or {}
+        if name == USAGE_EFFECT:
+            self._usage = Usage(
+                int(effect.get("input_tokens") or 0),
+                int(effect.get("output_tokens") or 0),
+                int(effect.get("total_tokens") or 0),
+            )
+            return None
+        if name == ERROR_EFFECT:
+            raise agent_turn_error(effect, self._retry_after)
+        return Passthrough("client_effect", data.decode())
 
     def _protocol_error(self, detail: str) -> HealthAgentError:
         return protocol_error(detail, self._retry_after)
@@ -233,4 +278,4 @@ class ChatKitTurn:
                 f"{len(self._open_messages)} assistant message(s) were never finished",
                 self._retry_after,
             )
-        return ResponseDone("\n\n".join(self._texts.values()), None, self._tool_call_pending)
+        return ResponseDone("\n\n".join(self._texts.values()), self._usage, self._tool_call_pending)

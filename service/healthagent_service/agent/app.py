@@ -1,0 +1,268 @@
+"""`healthagent agent`: the ChatKit server over HTTP (Starlette on uvicorn).
+
+- `POST /chatkit`: every ChatKit operation, streaming (`text/event-stream`) or not (JSON).
+  A streaming answer's first chunk is read before the status is sent, because the SDK raises
+  an unknown thread (404) and a tool output without a pending call (409) only then.
+- `POST /tokens/revoke` `{"user": ...}`: the service's logout, voiding the user's tokens.
+- `GET /healthz`: 200 when the database answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
+
+import structlog
+import uvicorn
+from chatkit.server import StreamingResult
+from chatkit.store import NotFoundError
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from healthagent_service.agent.access import Access, AccessDenied, TokenRevocations
+from healthagent_service.agent.chatkit_server import AgentChatKitServer
+from healthagent_service.agent.database import AgentDatabase, PostgresDatabase, SqliteDatabase
+from healthagent_service.agent.loading import load_agent
+from healthagent_service.agent.model import ModelConnection, connect_model
+from healthagent_service.agent.thread_store import ThreadStore
+from healthagent_service.config import AgentModelApi, Settings
+from healthagent_service.listen import is_loopback, parse_listen
+from healthagent_service.security.redaction import REDACTOR
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> Response:
+    # the OpenAI error envelope, which the service's ChatKit adapter reads
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "code": code, "param": param}
+    }
+    return JSONResponse(body, status_code=status)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside another program (the tests): the signals stay the program's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@dataclass
+class AgentApp:
+    """The HTTP layer over an `AgentChatKitServer`."""
+
+    chatkit: AgentChatKitServer
+    access: Access
+    revocations: TokenRevocations
+    database: AgentDatabase
+
+    def starlette(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/chatkit", self.chatkit_endpoint, methods=["POST"]),
+                Route("/tokens/revoke", self.revoke_endpoint, methods=["POST"]),
+                Route("/healthz", self.health_endpoint, methods=["GET"]),
+            ]
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise AccessDenied(413, "request body too large")
+        body = b""
+        async for piece in request.stream():
+            body += piece
+            if len(body) > MAX_BODY_BYTES:
+                raise AccessDenied(413, "request body too large")
+        return body
+
+    async def chatkit_endpoint(self, request: Request) -> Response:
+        try:
+            context = await self.access.context_for(request.headers)
+            body = await self._body(request)
+        except AccessDenied as denied:
+            return _error(denied.status, denied.message)
+        try:
+            result = await self.chatkit.process(body, context)
+        except ValidationError as exc:
+            return _error(400, f"not a ChatKit request: {exc.error_count()} problem(s)")
+        except NotFoundError as exc:
+            return _error(404, str(exc), param="thread_id")
+        if not isinstance(result, StreamingResult):
+            return Response(result.json, media_type="application/json")
+        events: AsyncIterator[bytes] = aiter(result)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            first = b""
+        except NotFoundError as exc:
+            return _error(404, str(exc), param="thread_id")
+        except ValueError as exc:
+            # add_client_tool_output when the thread's last item is not a pending call
+            return _error(409, str(exc), code="no_pending_tool_call", param="tool_output")
+
+        async def body_stream() -> AsyncIterator[bytes]:
+            if first:
+                yield first
+            async for chunk in events:
+                yield chunk
+
+        return StreamingResponse(
+            body_stream(), media_type="text/event-stream", headers=STREAM_HEADERS
+        )
+
+    async def revoke_endpoint(self, request: Request) -> Response:
+        if not self.access.is_service(request.headers):
+            return _error(401, "only the HealthAgent service may revoke tokens")
+        try:
+            user = json.loads(await self._body(request))["user"]
+        except (ValueError, TypeError, KeyError, AccessDenied):
+            return _error(400, 'the body must be {"user": "<end user>"}', param="user")
+        if not isinstance(user, str) or not user:
+            return _error(400, "user must be a non-empty string", param="user")
+        revoked_before = await self.revocations.revoke(user)
+        log.info("user tokens revoked", user=user)
+        return JSONResponse({"revoked_before": revoked_before})
+
+    async def health_endpoint(self, request: Request) -> Response:
+        try:
+            await self.database.fetch("SELECT 1")
+        except Exception as exc:  # any failure of the database is "not ready"
+            return JSONResponse({"status": "unavailable", "error": type(exc).__name__}, 503)
+        return JSONResponse({"status": "ok"})
+
+
+def check_agent_exposure(settings: Settings, host: str) -> None:
+    """Refuse to listen off loopback without the service's credential: any host that reached
+    the port could then name any user."""
+    if settings.chatkit_auth_header is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host} without HEALTHAGENT_CHATKIT_AUTH_HEADER (the "
+            "credential the HealthAgent service sends); set it, or listen on 127.0.0.1"
+        )
+
+
+def _database(settings: Settings) -> AgentDatabase:
+    if settings.database_url is not None:
+        return PostgresDatabase(
+            settings.database_url.get_secret_value(),
+            settings.database_schema,
+            settings.database_pool_size,
+        )
+    return SqliteDatabase(settings.data_dir / "agent.db")
+
+
+def _service_header(settings: Settings) -> tuple[str, str] | None:
+    if settings.chatkit_auth_header is None:
+        return None
+    name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+    return name.strip(), value.strip()
+
+
+@dataclass
+class RunningAgentServer:
+    """A started agent server and what it owns."""
+
+    app: AgentApp
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    model: ModelConnection
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/chatkit"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+        await self.model.close()
+        await self.app.database.close()
+
+
+async def start_agent_server(
+    settings: Settings, listen: str | None = None, *, install_signal_handlers: bool = False
+) -> RunningAgentServer:
+    """Build and start the agent server (port 0 picks one: see `RunningAgentServer.port`)."""
+    REDACTOR.add(settings.secret_values())
+    host, port = parse_listen(listen or settings.agent_listen)
+    check_agent_exposure(settings, host)
+    agent = load_agent(settings.agent, settings.agent_model)
+    database = _database(settings)
+    await database.open()
+    model: ModelConnection | None = None
+    try:
+        model = await connect_model(settings)
+        store = ThreadStore(database)
+        chatkit = AgentChatKitServer(
+            store,
+            agent,
+            model.run_config(tracing=settings.agent_tracing),
+            history_items=settings.agent_history_items,
+            max_turns=settings.agent_max_turns,
+            fresh_message_ids=settings.agent_api is AgentModelApi.CHAT_COMPLETIONS,
+        )
+        revocations = TokenRevocations(database)
+        access = Access(
+            service_header=_service_header(settings),
+            token_secret=(
+                settings.agent_token_secret.get_secret_value()
+                if settings.agent_token_secret
+                else None
+            ),
+            token_audience=settings.agent_token_audience,
+            revocations=revocations,
+        )
+        app = AgentApp(chatkit, access, revocations, database)
+        config = uvicorn.Config(
+            app.starlette(),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        )
+        server = uvicorn.Server(config) if install_signal_handlers else _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start (a taken port, say)
+                raise OSError(f"the agent server could not listen on {host}:{port}")
+            await asyncio.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+    except BaseException:
+        if model is not None:
+            await model.close()
+        await database.close()
+        raise
+    log.info(
+        "agent server listening",
+        url=f"http://{host}:{bound}/chatkit",
+        agent=agent.name,
+        model=model.description,
+        threads=database.description,
+    )
+    return RunningAgentServer(app, server, task, model, bound)
+
+
+async def run_agent_server(settings: Settings, listen: str | None = None) -> None:
+    """`healthagent agent`: serve until SIGTERM or SIGINT, then let streams finish."""
+    running = await start_agent_server(settings, listen, install_signal_handlers=True)
+    # the supervisor (`serve` in agent mode) reads this line to learn the port
+    print(json.dumps({"agent_url": running.url}), flush=True)
+    await running.task
+    await running.model.close()
+    await running.app.database.close()

@@ -1,0 +1,175 @@
+"""The ChatKit server: each turn runs the agent over the thread's stored items.
+
+`respond()` is the SDK's own recipe (`Runner.run_streamed` + `stream_agent_response` over the
+thread's recent items), plus what the SDK leaves out or gets wrong:
+- a caller who leaves stops the run (`result.cancel()`): the SDK's run task would otherwise go
+  on calling tools and the model (openai-agents-python#574);
+- a failure reaches the caller as a status with a reason (`failures.py`), token usage as an
+  effect (`upstream/chatkit_effects.py`);
+- with the Chat Completions API, chatkit 1.6.5 gives every assistant message the id
+  `__fake_id__` (chatkit-python#36), so each turn's answer overwrote the last one in the store:
+  each message gets a fresh id here; and it sends stored assistant messages back as
+  `output_text` parts, which the Chat Completions converter refuses ("Unknown content") on the
+  second turn: `PlainAssistantMessages` sends them as plain text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+from agents import Agent, RunConfig, Runner, TResponseInputItem
+from agents.models.fake_id import FAKE_RESPONSES_ID
+from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
+from chatkit.server import ChatKitServer
+from chatkit.types import (
+    AssistantMessageItem,
+    ClientEffectEvent,
+    ErrorEvent,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    ThreadItemRemovedEvent,
+    ThreadItemUpdatedEvent,
+    ThreadMetadata,
+    ThreadStreamEvent,
+    UserMessageItem,
+)
+
+from healthagent_service.agent.failures import TurnFailure, classify_failure
+from healthagent_service.agent.thread_store import RequestContext, ThreadStore
+from healthagent_service.upstream.chatkit_effects import ERROR_EFFECT, USAGE_EFFECT
+
+log = structlog.get_logger(__name__)
+
+
+class PlainAssistantMessages(ThreadItemConverter):
+    """Stored assistant messages as `{"role": "assistant", "content": "<text>"}`, which both
+    the Responses and the Chat Completions models accept."""
+
+    async def assistant_message_to_input(
+        self, item: AssistantMessageItem
+    ) -> TResponseInputItem | list[TResponseInputItem] | None:
+        text = "".join(part.text for part in item.content)
+        return {"role": "assistant", "content": text}
+
+
+class _TurnIds:
+    """Fresh ids for the messages of a Chat Completions run, and the ids of every assistant
+    message the run added (what a tripped guardrail withdraws)."""
+
+    def __init__(self, new_id: Callable[[], str] | None) -> None:
+        self._new_id = new_id  # None: the model's own ids are real (Responses API)
+        self._current: str | None = None
+        self.added_messages: list[str] = []
+
+    def relabel(self, event: ThreadStreamEvent) -> ThreadStreamEvent:
+        if isinstance(event, ThreadItemAddedEvent):
+            if self._new_id is not None and event.item.id == FAKE_RESPONSES_ID:
+                self._current = self._new_id()
+                event = event.model_copy(update={"item": _with_id(event.item, self._current)})
+            if isinstance(event.item, AssistantMessageItem):
+                self.added_messages.append(event.item.id)
+            return event
+        if self._new_id is None:
+            return event
+        if isinstance(event, ThreadItemUpdatedEvent) and event.item_id == FAKE_RESPONSES_ID:
+            return event.model_copy(update={"item_id": self._current or self._new_id()})
+        if isinstance(event, ThreadItemRemovedEvent) and event.item_id == FAKE_RESPONSES_ID:
+            return event.model_copy(update={"item_id": self._current or self._new_id()})
+        if isinstance(event, ThreadItemDoneEvent) and event.item.id == FAKE_RESPONSES_ID:
+            if isinstance(event.item, AssistantMessageItem) and self._current is not None:
+                item_id, self._current = self._current, None
+            else:  # a client tool call, which the SDK names after the model's item too
+                item_id = self._new_id()
+            return event.model_copy(update={"item": _with_id(event.item, item_id)})
+        return event
+
+
+def _with_id(item: Any, item_id: str) -> Any:
+    return item.model_copy(update={"id": item_id})
+
+
+class AgentChatKitServer(ChatKitServer[RequestContext]):
+    """Runs `agent` for every turn, with the thread's recent items as its input."""
+
+    def __init__(
+        self,
+        store: ThreadStore,
+        agent: Agent[Any],
+        run_config: RunConfig,
+        *,
+        history_items: int,
+        max_turns: int,
+        fresh_message_ids: bool,
+    ) -> None:
+        super().__init__(store)
+        self.thread_store = store
+        self._agent = agent
+        self._run_config = run_config
+        self._history_items = history_items
+        self._max_turns = max_turns
+        self._fresh_message_ids = fresh_message_ids
+        self._converter = PlainAssistantMessages()
+
+    async def respond(
+        self,
+        thread: ThreadMetadata,
+        input_user_message: UserMessageItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        # the user's message is stored already; after a client tool output, so is the
+        # completed call, which the converter sends as function_call + function_call_output
+        page = await self.store.load_thread_items(
+            thread.id, None, self._history_items, "desc", context
+        )
+        agent_input = await self._converter.to_agent_input(list(reversed(page.data)))
+        agent_context = AgentContext[RequestContext](
+            thread=thread, store=self.store, request_context=context
+        )
+        result = Runner.run_streamed(
+            self._agent,
+            agent_input,
+            context=agent_context,
+            run_config=self._run_config,
+            max_turns=self._max_turns,
+        )
+        ids = _TurnIds(
+            (lambda: self.store.generate_item_id("message", thread, context))
+            if self._fresh_message_ids
+            else None
+        )
+        failure: TurnFailure | None = None
+        try:
+            async for event in stream_agent_response(agent_context, result):
+                yield ids.relabel(event)
+        except Exception as exc:
+            failure = classify_failure(exc, ids.added_messages)
+            if failure is None:
+                log.exception("the agent run failed", thread_id=thread.id)
+                failure = TurnFailure("INTERNAL", "AGENT_FAILED", "the agent run failed")
+            else:
+                log.info(
+                    "agent turn failed",
+                    thread_id=thread.id,
+                    reason=failure.reason,
+                    kind=failure.kind,
+                )
+        finally:
+            # the caller left (CancelledError or GeneratorExit here) or the run failed: stop
+            # the run, which closes the model request
+            if not result.is_complete:
+                result.cancel()
+        if failure is not None:
+            yield ClientEffectEvent(name=ERROR_EFFECT, data=failure.effect_data())
+            yield ErrorEvent(code="custom", message=failure.message, allow_retry=failure.retryable)
+            return
+        usage = result.context_wrapper.usage
+        yield ClientEffectEvent(
+            name=USAGE_EFFECT,
+            data={
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+        )

@@ -1,0 +1,81 @@
+"""Where the agent's model is: OpenAI, an OpenAI-compatible server, or the emulator.
+
+- `OPENAI_API_KEY` set: OpenAI (or `HEALTHAGENT_AGENT_BASE_URL`, default `OPENAI_BASE_URL`).
+- `HEALTHAGENT_AGENT_BASE_URL` set without a key: an OpenAI-compatible server that needs none
+  (Ollama, vLLM, LiteLLM).
+- Neither: the built-in emulator's Responses and Chat Completions APIs, started in this process
+  on a loopback port, so the whole agent path runs offline, for real.
+`HEALTHAGENT_AGENT_API` picks the Responses API (default) or Chat Completions.
+
+The client does not retry: a retry of the model request would only delay the caller, who is
+told when to retry (RetryInfo) and decides.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import httpx2
+from agents import RunConfig, set_tracing_disabled
+from agents.models.openai_provider import OpenAIProvider
+from openai import AsyncOpenAI
+
+from healthagent_service.config import AgentModelApi, Settings
+from healthagent_service.emulator.embedded import Emulator, start_emulator
+
+# Ollama and friends need some key in the header, and ignore it.
+_KEYLESS_PLACEHOLDER = "unused"
+
+
+@dataclass
+class ModelConnection:
+    """The model API the agent uses, and the emulator behind it when there is one."""
+
+    client: AsyncOpenAI
+    api: AgentModelApi
+    base_url: str
+    emulator: Emulator | None
+
+    def run_config(self, *, tracing: bool) -> RunConfig:
+        """How every run reaches the model."""
+        provider = OpenAIProvider(
+            openai_client=self.client, use_responses=self.api is AgentModelApi.RESPONSES
+        )
+        return RunConfig(model_provider=provider, tracing_disabled=not tracing)
+
+    @property
+    def description(self) -> str:
+        api = "Responses" if self.api is AgentModelApi.RESPONSES else "Chat Completions"
+        if self.emulator is not None:
+            return f"EMULATED model ({api} API) - replies are simulated, not OpenAI"
+        return f"{api} API at {self.base_url}"
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.emulator is not None:
+            await self.emulator.close()
+
+
+async def connect_model(settings: Settings) -> ModelConnection:
+    """The model API for these settings (starting the emulator when nothing is configured)."""
+    # traces go to OpenAI: only when asked for, and never without a key
+    set_tracing_disabled(not (settings.agent_tracing and settings.openai_api_key is not None))
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    emulator: Emulator | None = None
+    if api_key is None and settings.agent_base_url is None:
+        api_key = f"sk-emulator-{secrets.token_urlsafe(16)}"
+        emulator = await start_emulator(settings, api_key)
+        base_url = emulator.base_url
+    else:
+        base_url = settings.agent_base_url or settings.openai_base_url
+    client = AsyncOpenAI(
+        api_key=api_key or _KEYLESS_PLACEHOLDER,
+        base_url=base_url,
+        max_retries=0,
+        timeout=httpx2.Timeout(
+            settings.upstream_read_timeout_seconds,
+            connect=settings.upstream_connect_timeout_seconds,
+        ),
+    )
+    return ModelConnection(client, settings.agent_api, base_url, emulator)
