@@ -1,29 +1,47 @@
 """What the emulator answers: deterministic replies, steered by trigger phrases.
 
-Trigger phrases (anywhere in the user's message, case-insensitive):
+Trigger phrases (anywhere in the user's message, case-insensitive). "Model APIs" are
+`/v1/responses` and `/v1/chat/completions` (`model_api.py`), where the phrase is read from the
+last user message of the request's input:
 
 | phrase        | effect                                                                        |
 |---------------|-------------------------------------------------------------------------------|
-| `[tool]`      | the reply ends with a pending client tool call `get_health_data`              |
+| `[tool]`      | ChatKit: the reply ends with a pending client tool call `get_health_data`;    |
+|               | model APIs: after the text the model calls `get_health_data` (TOOL_ARGUMENTS) |
+|               | if the request offers that function tool (plain text otherwise)               |
+| `[call NAME {json}]` | model APIs: after the text "Let me look that up." the model calls the  |
+|               | function tool NAME with those arguments (a JSON object, default `{}`) if the  |
+|               | request offers it; several in one message are parallel calls                  |
 | `[notice]`    | a warning notice comes before the reply                                       |
 | `[error]`     | ChatKit: after two chunks an `error` event (stream.error, retryable);         |
-|               | Realtime: a non-fatal `error` event before the response                       |
+|               | Realtime: a non-fatal `error` event before the response;                      |
+|               | Responses: after two deltas `response.failed` (error code server_error);      |
+|               | Chat Completions: after two deltas a `{"error": {...}}` chunk                 |
 | `[fatal]`     | ChatKit: after two chunks a non-retryable `error` event (code `custom`)       |
 | `[malformed]` | ChatKit: after two chunks an event that is not JSON                           |
 | `[drop]`      | after two chunks the connection is cut without finishing the response         |
 | `[stall]`     | after two chunks the stream stalls (EMULATOR_SLOW_FIRST_BYTE_SECONDS setting) |
 | `[nodata]`    | ChatKit: the closing events are sent without their `data:` prefix             |
 | `[huge]`      | ChatKit: after two chunks, one 9 MiB line                                      |
-| `[noend]`     | ChatKit: after two chunks the body ends cleanly, without the closing events   |
+| `[noend]`     | ChatKit and model APIs: after two chunks the body ends cleanly, without the   |
+|               | closing events (Responses: no terminal event; chat: no finish chunk, no DONE) |
 | `[slow]`      | the first byte is delayed (HEALTHAGENT_EMULATOR_SLOW_FIRST_BYTE_SECONDS)      |
-| `[http NNN]`  | the conversation request is answered with HTTP NNN and the error envelope     |
-|               | (429 carries `Retry-After: 2`)                                                |
-| `[ratelimit]` | ChatKit: HTTP 429; Realtime: `response.done` failed with rate_limit_exceeded  |
+| `[http NNN]`  | the conversation or model request is answered with HTTP NNN and the error     |
+|               | envelope (429 carries `Retry-After: 2`)                                       |
+| `[ratelimit]` | ChatKit and model APIs: HTTP 429; Realtime: `response.done` failed with       |
+|               | rate_limit_exceeded                                                           |
 | `[chunks=N]`  | the reply is exactly N chunks of about 20 bytes (1..100000)                   |
 | `[pace=N]`    | N milliseconds between chunks for this reply (0..60000), instead of the       |
 |               | emulator's HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS                                |
-| `[stamp]`     | ChatKit: each chunk's text is the emulator's CLOCK_MONOTONIC in nanoseconds   |
-|               | when it sent that chunk (19 digits and a space), for latency benchmarks       |
+| `[stamp]`     | ChatKit and model APIs: each chunk's text is the emulator's CLOCK_MONOTONIC   |
+|               | in nanoseconds when it sent that chunk (19 digits and a space), for latency   |
+|               | benchmarks                                                                    |
+
+On the model APIs a request whose input ends with tool results (`function_call_output` items,
+`role: tool` messages) is answered "Thanks. The tool returned <the result as JSON>." with no
+trigger applied. Without a stream, `[error]` is a Response with status `failed` (Responses) or
+HTTP 500 (chat), `[drop]` closes the connection without an answer, `[slow]`/`[stall]` delay the
+answer, and `[noend]`, `[pace=N]` and `[stamp]` do nothing.
 
 The same `Reply` drives the emulator and, in the tests, a real `openai-chatkit` server, so the
 two can be compared byte for byte.
