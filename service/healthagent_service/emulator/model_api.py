@@ -16,7 +16,8 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +266,7 @@ class ModelApi:
         record.client_left_at = at
         if record.outcome in (OPEN, INTERRUPTED):
             record.outcome = CLIENT_CLOSED
+            record.ended_at = record.ended_at or at  # a body that never started has no end
         self._owner.stats.model_streams_disconnected += 1
 
     def _end(self, record: ModelRequestRecord, outcome: str) -> None:
@@ -273,7 +275,7 @@ class ModelApi:
         if outcome == COMPLETED and record.stream:
             self._owner.stats.model_streams_completed += 1
 
-    async def _deltas(self, reply: Reply, record: ModelRequestRecord) -> AsyncIterator[str]:
+    async def _deltas(self, reply: Reply, record: ModelRequestRecord) -> AsyncGenerator[str, None]:
         """The reply's text deltas, paced, up to where `_failure` ends the stream early."""
         config = self._owner.config
         stats = self._owner.stats
@@ -330,9 +332,12 @@ class ModelApi:
                 b',"item_id":"%b","output_index":0,"content_index":0,"delta":' % item_id.encode()
             )
             texts: list[str] = []
-            async for text in self._deltas(reply, record):
-                texts.append(text)
-                yield b'%b%d%b%b,"logprobs":[]}\n\n' % (head, next(sequence), middle, _dumps(text))
+            # aclosing: when the client leaves, the deltas end with this stream, not at GC time
+            async with aclosing(self._deltas(reply, record)) as deltas:
+                async for text in deltas:
+                    texts.append(text)
+                    frame = (head, next(sequence), middle, _dumps(text))
+                    yield b'%b%d%b%b,"logprobs":[]}\n\n' % frame
             text = "".join(texts)
             failure = _failure(reply)
             if failure is not None:
@@ -402,9 +407,10 @@ class ModelApi:
             yield chunk({"role": "assistant", "content": "", "refusal": None})
             head, tail = chunk({"content": "\x00"}).split(_dumps("\x00"))
             texts: list[str] = []
-            async for text in self._deltas(reply, record):
-                texts.append(text)
-                yield head + _dumps(text) + tail
+            async with aclosing(self._deltas(reply, record)) as deltas:
+                async for text in deltas:
+                    texts.append(text)
+                    yield head + _dumps(text) + tail
             text = "".join(texts)
             failure = _failure(reply)
             if failure is not None:
