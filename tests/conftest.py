@@ -122,6 +122,16 @@ async def start_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
 
 
 @pytest.fixture
+async def start_agent(emulator: ChatKitEmulator, tmp_path: Path) -> AsyncIterator[Any]:
+    """Factory: start_agent(**env) starts an agent server (`tests/agents.py`) whose model is
+    the standalone emulator."""
+    from tests.agents import agent_servers  # the Agents SDK and ChatKit: only where used
+
+    async with agent_servers(emulator, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
 async def service(emulator: ChatKitEmulator, start_service: ServiceFactory) -> Service:
     """The service talking to the standalone emulator through the hosted-ChatKit code path."""
     return await start_service(**emulator_env(emulator))

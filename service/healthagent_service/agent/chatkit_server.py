@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import structlog
 from agents import Agent, RunConfig, Runner, TResponseInputItem
 from agents.models.fake_id import FAKE_RESPONSES_ID
@@ -27,6 +28,7 @@ from chatkit.types import (
     AssistantMessageItem,
     ClientEffectEvent,
     ErrorEvent,
+    ThreadItem,
     ThreadItemAddedEvent,
     ThreadItemDoneEvent,
     ThreadItemRemovedEvent,
@@ -111,6 +113,15 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         self._max_turns = max_turns
         self._fresh_message_ids = fresh_message_ids
         self._converter = PlainAssistantMessages()
+
+    async def handle_stream_cancelled(
+        self, thread: ThreadMetadata, pending_items: list[ThreadItem], context: RequestContext
+    ) -> None:
+        """Keep the partial answer (the SDK's default), shielded: Starlette cancels the
+        response's task when the caller leaves, and anyio's cancellation would otherwise cancel
+        these writes too, so nothing was kept."""
+        with anyio.CancelScope(shield=True):
+            await super().handle_stream_cancelled(thread, pending_items, context)
 
     async def respond(
         self,

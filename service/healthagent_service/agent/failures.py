@@ -29,6 +29,8 @@ from agents.exceptions import (
     OutputGuardrailTripwireTriggered,
 )
 
+from healthagent_service.agent.model import TruncatedModelStream
+
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 
 
@@ -71,6 +73,15 @@ def _retry_after(response: httpx2.Response | None) -> float:
 
 def _guardrail_name(exc: InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered) -> str:
     return str(exc.guardrail_result.guardrail.get_name())
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnFailure | None:
@@ -124,6 +135,14 @@ def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnF
             f"the model API answered HTTP {status}; check HEALTHAGENT_AGENT_MODEL and "
             "HEALTHAGENT_AGENT_BASE_URL",
             metadata=metadata,
+        )
+    if any(isinstance(cause, TruncatedModelStream) for cause in _causes(exc)):
+        # the openai client wraps it in an APIConnectionError
+        return TurnFailure(
+            "UNAVAILABLE",
+            "MODEL_STREAM_FAILED",
+            "the model's stream ended before its answer was complete",
+            retry_after_seconds=DEFAULT_RETRY_AFTER_SECONDS,
         )
     if isinstance(exc, (openai.APIConnectionError, httpx.HTTPError, httpx2.HTTPError)):
         # APITimeoutError is an APIConnectionError

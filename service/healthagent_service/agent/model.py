@@ -9,23 +9,67 @@
 
 The client does not retry: a retry of the model request would only delay the caller, who is
 told when to retry (RetryInfo) and decides.
+
+A Chat Completions stream that ends without `data: [DONE]` is cut, not finished: the Agents
+SDK checks for a finish reason only on OpenAI's own endpoint and would take the cut answer for
+a whole one, so `CompleteStreamsOnly` raises `TruncatedModelStream` at its end instead.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx2
-from agents import RunConfig, set_tracing_disabled
+from agents import ModelSettings, RunConfig, set_tracing_disabled
 from agents.models.openai_provider import OpenAIProvider
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from healthagent_service.config import AgentModelApi, Settings
 from healthagent_service.emulator.embedded import Emulator, start_emulator
 
 # Ollama and friends need some key in the header, and ignore it.
 _KEYLESS_PLACEHOLDER = "unused"
+_DONE_MARKER = b"data: [DONE]"
+
+
+class TruncatedModelStream(httpx2.RemoteProtocolError):
+    """A Chat Completions stream ended without `data: [DONE]`."""
+
+
+class _RequireDone(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream) -> None:
+        self._inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        tail = b""
+        async for piece in self._inner:
+            tail = (tail + piece)[-64:]
+            yield piece
+        if not tail.rstrip().endswith(_DONE_MARKER):
+            raise TruncatedModelStream("the Chat Completions stream ended without [DONE]")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class CompleteStreamsOnly(httpx2.AsyncBaseTransport):
+    """Passes requests to `inner`; streamed Chat Completions answers must end with [DONE]."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        if streamed and request.url.path.endswith("/chat/completions"):
+            assert isinstance(response.stream, httpx2.AsyncByteStream)
+            response.stream = _RequireDone(response.stream)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @dataclass
@@ -42,7 +86,15 @@ class ModelConnection:
         provider = OpenAIProvider(
             openai_client=self.client, use_responses=self.api is AgentModelApi.RESPONSES
         )
-        return RunConfig(model_provider=provider, tracing_disabled=not tracing)
+        # the Agents SDK asks a Chat Completions server for usage only if it is OpenAI's own
+        settings = (
+            ModelSettings(include_usage=True)
+            if self.api is AgentModelApi.CHAT_COMPLETIONS
+            else None
+        )
+        return RunConfig(
+            model_provider=provider, model_settings=settings, tracing_disabled=not tracing
+        )
 
     @property
     def description(self) -> str:
@@ -73,6 +125,9 @@ async def connect_model(settings: Settings) -> ModelConnection:
         api_key=api_key or _KEYLESS_PLACEHOLDER,
         base_url=base_url,
         max_retries=0,
+        http_client=DefaultAsyncHttpxClient(
+            transport=CompleteStreamsOnly(httpx2.AsyncHTTPTransport())
+        ),
         timeout=httpx2.Timeout(
             settings.upstream_read_timeout_seconds,
             connect=settings.upstream_connect_timeout_seconds,

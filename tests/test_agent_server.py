@@ -1,0 +1,452 @@
+"""The agent server for real: the official ChatKit server running the real Agents SDK, whose model
+is the emulator's Responses (or Chat Completions) API, behind the service, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import grpc
+import pytest
+from chatkit.types import AssistantMessageItem
+
+from healthagent.v1 import health_agent_pb2 as pb
+from healthagent_service.agent.health_agent import REFERENCE_RANGES
+from healthagent_service.agent.loading import AgentLoadError
+from healthagent_service.agent.thread_store import RequestContext
+from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
+from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME
+from tests.agents import (
+    SERVICE_AUTH,
+    AgentFactory,
+    agent_service,
+    chat,
+    chatkit_request,
+    post_chatkit,
+    service_env,
+    user_input,
+    user_messages,
+)
+from tests.conftest import ServiceFactory, collect, event_kinds, status_details
+from tests.peers.custom_agents import CUSTOM_INSTRUCTIONS, REFUSED_WORD, WITHDRAWN_WORD
+
+
+def _done(events: list[pb.ChatResponse]) -> pb.ResponseDone:
+    assert events[-1].WhichOneof("event") == "response_done", event_kinds(events)
+    return events[-1].response_done
+
+
+async def test_a_text_turn_streams_the_agents_answer_with_usage(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(start_agent, start_service)
+    events = await collect(chat(service, "How did I sleep last night?"))
+    kinds = event_kinds(events)
+    assert kinds[0] == "session" and events[0].session.conversation_id.startswith("thr_")
+    assert kinds.count("chunk") > 3 and "text_done" in kinds
+    done = _done(events)
+    assert done.text == "You said: How did I sleep last night?. This reply comes from the " + (
+        "HealthAgent emulator."
+    )
+    assert "".join(e.chunk.text for e in events if e.WhichOneof("event") == "chunk") == done.text
+    # the model's usage, reported by the agent server's usage effect
+    record = emulator.model_requests[-1]
+    assert done.usage.input_tokens == record.input_tokens > 0
+    assert done.usage.output_tokens == record.output_tokens > 0
+    assert done.usage.total_tokens == record.input_tokens + record.output_tokens
+    # the built-in agent: its instructions and its three tools went to the model
+    assert record.input[0][0] == "system" and "not a doctor" in record.input[0][1]
+    assert set(record.tools) == {TOOL_NAME, "lookup_reference_range", "calculate_bmi"}
+    assert record.api == "responses" and record.stream
+    conversation = await service.stub.GetConversation(
+        pb.GetConversationRequest(user="alice", conversation_id=events[0].session.conversation_id)
+    )
+    assert [m.text for m in conversation.conversation.messages][-1] == done.text
+
+
+async def test_a_server_tool_runs_inside_the_turn(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(start_agent, start_service)
+    events = await collect(
+        chat(service, 'Is my sleep normal? [call lookup_reference_range {"metric": "sleep"}]')
+    )
+    # the tool ran here: the caller sees no tool call, only the answer built on its result
+    assert "tool_call" not in event_kinds(events)
+    assert "\n\nThanks. The tool returned {" in _done(events).text
+    first, second = list(emulator.model_requests)[-2:]
+    assert ("tool_call", 'lookup_reference_range {"metric":"sleep"}') in second.input
+    tool_results = [text for role, text in second.input if role == "tool"]
+    assert json.loads(tool_results[0]) == {"metric": "sleep", **REFERENCE_RANGES["sleep"]}
+    assert first.input[-1] == ("user", user_messages(second)[-1])
+
+
+async def test_the_client_tool_ends_the_turn_and_its_output_resumes_it(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(start_agent, start_service)
+    events = await collect(chat(service, "How active was I this week? [tool]"))
+    calls = [e.tool_call for e in events if e.WhichOneof("event") == "tool_call"]
+    assert len(calls) == 1 and calls[0].name == TOOL_NAME
+    assert json.loads(calls[0].arguments_json) == TOOL_ARGUMENTS
+    assert _done(events).awaiting_tool_output
+    requests_before = len(emulator.model_requests)
+    conversation_id = events[0].session.conversation_id
+    output = pb.ToolOutput(call_id=calls[0].call_id, output_json='{"steps": [8000, 9500]}')
+    resumed = await collect(chat(service, conversation_id=conversation_id, tool_output=output))
+    assert _done(resumed).text == 'Thanks. The tool returned {"steps": [8000, 9500]}.'
+    assert not _done(resumed).awaiting_tool_output
+    # one model request: the stored call and its output went to the model
+    assert len(emulator.model_requests) == requests_before + 1
+    record = emulator.model_requests[-1]
+    assert record.input[-2] == ("tool_call", f"{TOOL_NAME} {json.dumps(TOOL_ARGUMENTS)}")
+    assert record.input[-1][0] == "tool" and json.loads(record.input[-1][1]) == {
+        "steps": [8000, 9500]
+    }
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+async def test_later_turns_carry_the_earlier_ones(
+    api: str,
+    emulator: ChatKitEmulator,
+    start_agent: AgentFactory,
+    start_service: ServiceFactory,
+) -> None:
+    agent, service = await agent_service(start_agent, start_service, HEALTHAGENT_AGENT_API=api)
+    conversation_id: str | None = None
+    answers: list[pb.ResponseDone] = []
+    item_ids: list[str] = []
+    for text in ("first question", "second question", "third question", "fourth question"):
+        events = await collect(chat(service, text, conversation_id=conversation_id))
+        conversation_id = events[0].session.conversation_id
+        answers.append(_done(events))
+        item_ids += [e.text_done.item_id for e in events if e.WhichOneof("event") == "text_done"]
+    record = emulator.model_requests[-1]
+    assert record.api == api.replace("_", ".")
+    assert answers[-1].usage.input_tokens == record.input_tokens > 0
+    conversation = [(role, text) for role, text in record.input if role != "system"]
+    assert conversation == [
+        ("user", "first question"),
+        ("assistant", answers[0].text),
+        ("user", "second question"),
+        ("assistant", answers[1].text),
+        ("user", "third question"),
+        ("assistant", answers[2].text),
+        ("user", "fourth question"),
+    ]
+    # every answer its own item, stored under its own id (chatkit-python#36 gives them all
+    # "__fake_id__" with chat completions, so each overwrote the last)
+    assert len(set(item_ids)) == 4 and "__fake_id__" not in item_ids
+    assert conversation_id is not None
+    page = await agent.app.chatkit.store.load_thread_items(
+        conversation_id, None, 50, "asc", RequestContext("alice", "service")
+    )
+    stored = [item.id for item in page.data if isinstance(item, AssistantMessageItem)]
+    assert stored == item_ids
+
+
+async def test_a_custom_agent_module_runs_instead_of_the_built_in_one(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(
+        start_agent,
+        start_service,
+        HEALTHAGENT_AGENT="tests.peers.custom_agents:sleep_coach",
+        HEALTHAGENT_AGENT_MODEL="gpt-test-model",
+    )
+    assert _done(await collect(chat(service, "hello coach"))).text.startswith("You said")
+    record = emulator.model_requests[-1]
+    assert record.input[0] == ("system", CUSTOM_INSTRUCTIONS)
+    assert record.tools == [] and record.model == "gpt-test-model"
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        ("tests.peers.custom_agents", "must look like 'package.module:attribute'"),
+        ("tests.peers.no_such_module:agent", "cannot import"),
+        ("tests.peers.custom_agents:missing", "has no attribute 'missing'"),
+        ("tests.peers.custom_agents:not_an_agent", "is a int, not an agents.Agent"),
+    ],
+)
+async def test_an_agent_setting_that_names_no_agent_is_refused(
+    spec: str, complaint: str, start_agent: AgentFactory
+) -> None:
+    with pytest.raises(AgentLoadError, match="HEALTHAGENT_AGENT") as raised:
+        await start_agent(HEALTHAGENT_AGENT=spec)
+    assert complaint in str(raised.value)
+
+
+async def test_an_output_guardrail_withdraws_text_the_caller_already_has(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(
+        start_agent, start_service, HEALTHAGENT_AGENT="tests.peers.custom_agents:guarded_agent"
+    )
+    call = chat(service, f"say something {WITHDRAWN_WORD}")
+    received: list[pb.ChatResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for event in call:
+            received.append(event)
+    details = status_details(failed.value)
+    assert details.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert details.reason == "OUTPUT_WITHDRAWN"
+    assert details.retry_delay_seconds is None
+    # the caller had the text, and is told exactly which message to take back
+    chunk_items = {e.chunk.item_id for e in received if e.WhichOneof("event") == "chunk"}
+    assert chunk_items and WITHDRAWN_WORD in "".join(
+        e.chunk.text for e in received if e.WhichOneof("event") == "chunk"
+    )
+    assert set(details.metadata["withdrawn_item_ids"].split(",")) == chunk_items
+    assert details.metadata["guardrail"] == "no_forbidden_words"
+    assert "response_done" not in event_kinds(received)
+    # neither the service's history nor the agent's thread keeps the withdrawn text
+    conversation_id = received[0].session.conversation_id
+    history = await service.stub.GetConversation(
+        pb.GetConversationRequest(user="alice", conversation_id=conversation_id)
+    )
+    assistant = [m for m in history.conversation.messages if m.role == pb.MESSAGE_ROLE_ASSISTANT]
+    assert [m.text for m in assistant] == [""]
+    assert assistant[0].error_reason == "OUTPUT_WITHDRAWN"
+    page = await agent.app.chatkit.store.load_thread_items(
+        conversation_id, None, 50, "asc", RequestContext("alice", "service")
+    )
+    assert not [item for item in page.data if isinstance(item, AssistantMessageItem)]
+
+
+async def test_an_input_guardrail_refuses_the_message(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(
+        start_agent, start_service, HEALTHAGENT_AGENT="tests.peers.custom_agents:guarded_agent"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await collect(chat(service, f"please {REFUSED_WORD} now"))
+    details = status_details(failed.value)
+    assert details.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.reason == "INPUT_REFUSED"
+    assert details.metadata["guardrail"] == "refuse_marked_messages"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ("[ratelimit]", grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_RATE_LIMITED", 2.0),
+        ("[http 500]", grpc.StatusCode.UNAVAILABLE, "MODEL_ERROR", 1.0),
+        ("[http 503]", grpc.StatusCode.UNAVAILABLE, "MODEL_ERROR", 1.0),
+        ("[drop]", grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE", 1.0),
+        ("[error]", grpc.StatusCode.UNAVAILABLE, "MODEL_STREAM_FAILED", 1.0),
+        ("[noend]", grpc.StatusCode.UNAVAILABLE, "MODEL_STREAM_FAILED", 1.0),
+        ("[http 401]", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_AUTH_REJECTED", None),
+        ("[http 404]", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_REJECTED_REQUEST", None),
+    ],
+)
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+async def test_model_failures_end_the_stream_with_a_status_never_ok(
+    api: str,
+    failure: tuple[str, grpc.StatusCode, str, float | None],
+    start_agent: AgentFactory,
+    start_service: ServiceFactory,
+) -> None:
+    trigger, code, reason, retry = failure
+    _, service = await agent_service(start_agent, start_service, HEALTHAGENT_AGENT_API=api)
+    received: list[pb.ChatResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for event in chat(service, f"tell me about my heart {trigger}"):
+            received.append(event)
+    details = status_details(failed.value)
+    assert (details.code, details.reason) == (code, reason), details.message
+    assert details.retry_delay_seconds == retry
+    assert "response_done" not in event_kinds(received)
+
+
+async def test_another_users_thread_is_not_found(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    events = await collect(chat(service, "private question", user="alice"))
+    thread_id = events[0].session.conversation_id
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await collect(chat(service, "let me in", user="mallory", conversation_id=thread_id))
+    details = status_details(failed.value)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+    )
+    # straight to the agent server, as the service would forward it for mallory
+    service_headers = {SERVICE_AUTH[0]: SERVICE_AUTH[1], "X-HealthAgent-User": "mallory"}
+    for kind in ("threads.get_by_id", "items.list"):
+        status, _ = await post_chatkit(
+            agent, chatkit_request(kind, thread_id=thread_id), service_headers
+        )
+        assert status == 404, kind
+    status, body = await post_chatkit(agent, chatkit_request("threads.list"), service_headers)
+    assert status == 200 and body[0]["data"] == []
+    alice = {SERVICE_AUTH[0]: SERVICE_AUTH[1], "X-HealthAgent-User": "alice"}
+    status, body = await post_chatkit(agent, chatkit_request("threads.list"), alice)
+    assert status == 200 and [thread["id"] for thread in body[0]["data"]] == [thread_id]
+
+
+async def test_the_agent_server_refuses_requests_without_the_services_credential(
+    start_agent: AgentFactory,
+) -> None:
+    agent = await start_agent()
+    body = chatkit_request("threads.create", input=user_input("hello"))
+    for headers in (
+        {"X-HealthAgent-User": "alice"},
+        {"Authorization": "Bearer not-the-credential", "X-HealthAgent-User": "alice"},
+    ):
+        status, _ = await post_chatkit(agent, body, headers)
+        assert status == 401
+    # the credential without a user is a bad request, not a request for nobody
+    status, _ = await post_chatkit(agent, body, {SERVICE_AUTH[0]: SERVICE_AUTH[1]})
+    assert status == 400
+
+
+async def test_minted_tokens_reach_the_agent_server_directly_until_logout(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    minted = await service.stub.MintSession(
+        pb.MintSessionRequest(user="alice", ttl_seconds=120), timeout=10
+    )
+    assert minted.workflow_id == "agent" and minted.kind == pb.SESSION_KIND_CHATKIT
+    assert 110 <= minted.session.ttl_seconds <= 120
+    bearer = {"Authorization": f"Bearer {minted.client_secret}"}
+    body = chatkit_request("threads.create", input=user_input("hi from the web UI"))
+    status, events = await post_chatkit(agent, body, bearer)
+    assert status == 200 and events[0]["type"] == "thread.created"
+    thread_id = events[0]["thread"]["id"]
+    # the token is alice's: her threads, and only hers, whatever the header claims
+    status, _ = await post_chatkit(
+        agent, chatkit_request("threads.list"), {**bearer, "X-HealthAgent-User": "bob"}
+    )
+    assert status == 200
+    history = await collect(chat(service, "and over gRPC", conversation_id=thread_id))
+    assert _done(history).text.startswith("You said")
+    revoked = await service.stub.RevokeSessions(pb.RevokeSessionsRequest(user="alice"))
+    assert revoked.revoked_sessions >= 1
+    status, _ = await post_chatkit(agent, chatkit_request("threads.list"), bearer)
+    assert status == 401
+    # a token minted after the logout works
+    fresh = await service.stub.MintSession(pb.MintSessionRequest(user="alice"), timeout=10)
+    status, _ = await post_chatkit(
+        agent, chatkit_request("threads.list"), {"Authorization": f"Bearer {fresh.client_secret}"}
+    )
+    assert status == 200
+
+
+async def test_a_token_for_another_audience_is_refused(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent = await start_agent()
+    service = await start_service(
+        **service_env(agent, HEALTHAGENT_AGENT_TOKEN_AUDIENCE="some-other-agent")
+    )
+    minted = await service.stub.MintSession(pb.MintSessionRequest(user="alice"), timeout=10)
+    status, _ = await post_chatkit(
+        agent,
+        chatkit_request("threads.list"),
+        {"Authorization": f"Bearer {minted.client_secret}"},
+    )
+    assert status == 401
+
+
+async def test_threads_survive_a_restart_of_the_agent_server(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    first = await collect(chat(service, "remember this"))
+    conversation_id = first[0].session.conversation_id
+    listen = f"127.0.0.1:{agent.port}"
+    await agent.stop()
+    await start_agent(listen)
+    second = await collect(chat(service, "what did I say?", conversation_id=conversation_id))
+    assert _done(second).text.startswith("You said: what did I say?")
+    assert user_messages(emulator.model_requests[-1]) == ["remember this", "what did I say?"]
+
+
+def _assistant_texts(events: list[dict[str, Any]]) -> list[str]:
+    return [
+        part["text"]
+        for event in events
+        if event["type"] == "thread.item.done" and event["item"]["type"] == "assistant_message"
+        for part in event["item"]["content"]
+    ]
+
+
+async def _record_of(emulator: ChatKitEmulator, text: str) -> Any:
+    for _ in range(200):
+        for record in reversed(emulator.model_requests):
+            if user_messages(record)[-1:] == [text]:
+                return record
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the model never received {text!r}")
+
+
+async def _left_at(record: Any) -> float:
+    for _ in range(1500):  # 3 s
+        if record.client_left_at is not None:
+            break
+        await asyncio.sleep(0.002)
+    assert record.client_left_at is not None, f"the model request stayed open: {record.outcome}"
+    return float(record.client_left_at)
+
+
+@pytest.mark.slow
+async def test_a_caller_who_leaves_stops_the_agent_and_its_model_request(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    latencies: list[float] = []
+    cancels = 200
+    for index in range(cancels):
+        text = f"tell me a long story {index} [pace=20][chunks=500]"
+        call = chat(service, text)
+        async for event in call:
+            if event.WhichOneof("event") == "chunk":
+                break
+        cancelled_at = time.monotonic()
+        call.cancel()
+        record = await _record_of(emulator, text)
+        latencies.append(await _left_at(record) - cancelled_at)
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    assert p99 < 0.1, f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
+    # the runs stopped: no model request after any of them, each closed by the client
+    records = list(emulator.model_requests)[-cancels:]
+    assert [r.outcome for r in records] == ["client_closed"] * cancels
+    # the partial answer is kept, in the agent's thread and in the service's history
+    conversation_id = await _last_conversation(service)
+    await asyncio.sleep(0.2)
+    history = await service.stub.GetConversation(
+        pb.GetConversationRequest(user="alice", conversation_id=conversation_id)
+    )
+    answer = history.conversation.messages[-1]
+    assert answer.role == pb.MESSAGE_ROLE_ASSISTANT and answer.error_reason == "CANCELLED"
+    assert answer.text
+    page = await agent.app.chatkit.store.load_thread_items(
+        conversation_id, None, 50, "asc", RequestContext("alice", "service")
+    )
+    kept = [item for item in page.data if isinstance(item, AssistantMessageItem)]
+    assert len(kept) == 1 and answer.text.startswith(kept[0].content[0].text[:20])
+
+
+async def test_a_missed_deadline_stops_the_model_request(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(start_agent, start_service)
+    text = "a slow answer [pace=50][chunks=500]"
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await collect(chat(service, text, timeout=1.0))
+    assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    left = await _left_at(await _record_of(emulator, text))
+    assert left - started < 1.0 + 0.5
+
+
+async def _last_conversation(service: Any) -> str:
+    page = await service.stub.ListConversations(pb.ListConversationsRequest(user="alice"))
+    return str(page.conversations[0].id)
