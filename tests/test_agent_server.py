@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from chatkit.types import AssistantMessageItem
 
@@ -450,3 +451,32 @@ async def test_a_missed_deadline_stops_the_model_request(
 async def _last_conversation(service: Any) -> str:
     page = await service.stub.ListConversations(pb.ListConversationsRequest(user="alice"))
     return str(page.conversations[0].id)
+
+
+async def test_usage_reaches_the_token_metric(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent = await start_agent()
+    service = await start_service(**service_env(agent, HEALTHAGENT_METRICS_LISTEN="127.0.0.1:0"))
+    url = f"http://127.0.0.1:{service.running.metrics_port}/metrics"
+    name = 'healthagent_tokens_total{direction="output",workflow=""}'
+
+    async def output_tokens() -> float:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(url)).text
+        found = [line for line in text.splitlines() if line.startswith(name + " ")]
+        return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+    before = await output_tokens()
+    done = _done(await collect(chat(service, "count my tokens")))
+    assert done.usage.output_tokens > 0
+    assert await output_tokens() == before + done.usage.output_tokens
+
+
+async def test_sdk_tracing_is_off_unless_asked_for(start_agent: AgentFactory) -> None:
+    assert (await start_agent()).app.chatkit.run_config.tracing_disabled
+    traced = await start_agent(HEALTHAGENT_AGENT_TRACING="true")
+    assert not traced.app.chatkit.run_config.tracing_disabled
+    # never without a key: traces would go to OpenAI
+    keyless = await start_agent(HEALTHAGENT_AGENT_TRACING="true", OPENAI_API_KEY="")
+    assert keyless.app.chatkit.run_config.tracing_disabled

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -208,6 +209,9 @@ def run_workers(settings: Settings, listen: str | None) -> int:
     problems = worker_problems(settings)
     if problems:
         raise ValueError(f"HEALTHAGENT_WORKERS={settings.workers}: " + "; ".join(problems))
+    if settings.supervises_agent and settings.agent_token_secret is None:
+        # each worker runs its own agent child: one secret, so each accepts every worker's tokens
+        os.environ["HEALTHAGENT_AGENT_TOKEN_SECRET"] = secrets.token_urlsafe(48)
     host, port = parse_listen(listen or settings.listen)
     with reserve_port(host, port) as reservation:
         address = join_listen(host, reservation.port)

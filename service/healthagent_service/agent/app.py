@@ -209,7 +209,7 @@ async def start_agent_server(
         chatkit = AgentChatKitServer(
             store,
             agent,
-            model.run_config(tracing=settings.agent_tracing),
+            model.run_config(),
             history_items=settings.agent_history_items,
             max_turns=settings.agent_max_turns,
             fresh_message_ids=settings.agent_api is AgentModelApi.CHAT_COMPLETIONS,

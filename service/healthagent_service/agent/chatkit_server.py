@@ -108,7 +108,7 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         super().__init__(store)
         self.thread_store = store
         self._agent = agent
-        self._run_config = run_config
+        self.run_config = run_config
         self._history_items = history_items
         self._max_turns = max_turns
         self._fresh_message_ids = fresh_message_ids
@@ -142,7 +142,7 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
             self._agent,
             agent_input,
             context=agent_context,
-            run_config=self._run_config,
+            run_config=self.run_config,
             max_turns=self._max_turns,
         )
         ids = _TurnIds(

@@ -80,8 +80,10 @@ class ModelConnection:
     api: AgentModelApi
     base_url: str
     emulator: Emulator | None
+    # the Agents SDK's traces go to OpenAI: only when asked for, and never without a key
+    tracing: bool
 
-    def run_config(self, *, tracing: bool) -> RunConfig:
+    def run_config(self) -> RunConfig:
         """How every run reaches the model."""
         provider = OpenAIProvider(
             openai_client=self.client, use_responses=self.api is AgentModelApi.RESPONSES
@@ -93,7 +95,7 @@ class ModelConnection:
             else None
         )
         return RunConfig(
-            model_provider=provider, model_settings=settings, tracing_disabled=not tracing
+            model_provider=provider, model_settings=settings, tracing_disabled=not self.tracing
         )
 
     @property
@@ -111,8 +113,8 @@ class ModelConnection:
 
 async def connect_model(settings: Settings) -> ModelConnection:
     """The model API for these settings (starting the emulator when nothing is configured)."""
-    # traces go to OpenAI: only when asked for, and never without a key
-    set_tracing_disabled(not (settings.agent_tracing and settings.openai_api_key is not None))
+    tracing = settings.agent_tracing and settings.openai_api_key is not None
+    set_tracing_disabled(not tracing)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     emulator: Emulator | None = None
     if api_key is None and settings.agent_base_url is None:
@@ -133,4 +135,4 @@ async def connect_model(settings: Settings) -> ModelConnection:
             connect=settings.upstream_connect_timeout_seconds,
         ),
     )
-    return ModelConnection(client, settings.agent_api, base_url, emulator)
+    return ModelConnection(client, settings.agent_api, base_url, emulator, tracing)
