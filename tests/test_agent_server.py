@@ -218,7 +218,7 @@ async def test_an_output_guardrail_withdraws_text_the_caller_already_has(
 
 
 async def test_an_input_guardrail_refuses_the_message(
-    start_agent: AgentFactory, start_service: ServiceFactory
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
 ) -> None:
     _, service = await agent_service(
         start_agent, start_service, HEALTHAGENT_AGENT="tests.peers.custom_agents:guarded_agent"
@@ -229,6 +229,10 @@ async def test_an_input_guardrail_refuses_the_message(
     assert details.code is grpc.StatusCode.INVALID_ARGUMENT
     assert details.reason == "INPUT_REFUSED"
     assert details.metadata["guardrail"] == "refuse_marked_messages"
+    # the refused message leaves the thread: the model never reads it again
+    conversation_id = await _last_conversation(service)
+    await collect(chat(service, "a fine question", conversation_id=conversation_id))
+    assert user_messages(emulator.model_requests[-1]) == ["a fine question"]
 
 
 @pytest.mark.parametrize(
@@ -480,3 +484,21 @@ async def test_sdk_tracing_is_off_unless_asked_for(start_agent: AgentFactory) ->
     # never without a key: traces would go to OpenAI
     keyless = await start_agent(HEALTHAGENT_AGENT_TRACING="true", OPENAI_API_KEY="")
     assert keyless.app.chatkit.run_config.tracing_disabled
+
+
+async def test_the_migrated_example_runs_its_handoff_on_the_configured_model(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(
+        start_agent,
+        start_service,
+        HEALTHAGENT_AGENT="docs.examples.migrated_agent:build_agent",
+        HEALTHAGENT_AGENT_MODEL="gpt-test-model",
+    )
+    done = _done(await collect(chat(service, "I sleep badly [call transfer_to_sleep_coach]")))
+    assert done.text
+    router, coach = list(emulator.model_requests)[-2:]
+    assert "transfer_to_sleep_coach" in router.tools
+    # the agent handed off to names no model either: it runs on HEALTHAGENT_AGENT_MODEL
+    assert router.model == coach.model == "gpt-test-model"
+    assert coach.input[0][0] == "system" and coach.input[0][1] != router.input[0][1]

@@ -93,9 +93,11 @@ def _user_message(text: str) -> TResponseInputItem:
 def test_build_agent_is_what_the_agent_server_loads() -> None:
     agent = build_agent()
     assert isinstance(agent, Agent) and agent.name == "Triage"
-    # the server takes the same spec, and passes its model to an agent that names none
+    # the server takes the same spec; no agent names a model, so HEALTHAGENT_AGENT_MODEL
+    # (the model provider's default) runs them all
     loaded = load_agent(SPEC, "gpt-test")
-    assert isinstance(loaded, Agent) and loaded.name == "Triage" and loaded.model == "gpt-test"
+    assert isinstance(loaded, Agent) and loaded.name == "Triage" and loaded.model is None
+    assert all(sub.model is None for sub in _sub_agents(loaded).values())
     # a router: no tools, two handoffs, both answering agents guarded
     assert agent.tools == []
     sub_agents = _sub_agents(agent)

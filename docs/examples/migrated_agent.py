@@ -365,9 +365,8 @@ def build_sleep_workflow(
 
 
 def build_agent() -> Agent[Context]:
-    """What HEALTHAGENT_AGENT names. The agent server gives HEALTHAGENT_AGENT_MODEL only to the
-    agent it loads, so it is read here for the agents handed off to as well."""
+    """What HEALTHAGENT_AGENT names. No model named: the agent server runs every agent that
+    names none on HEALTHAGENT_AGENT_MODEL."""
     return build_sleep_workflow(
-        model=os.environ.get("HEALTHAGENT_AGENT_MODEL") or None,
-        vector_store_id=os.environ.get(VECTOR_STORE_SETTING) or None,
+        model=None, vector_store_id=os.environ.get(VECTOR_STORE_SETTING) or None
     )

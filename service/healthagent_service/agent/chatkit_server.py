@@ -38,7 +38,7 @@ from chatkit.types import (
     UserMessageItem,
 )
 
-from healthagent_service.agent.failures import TurnFailure, classify_failure
+from healthagent_service.agent.failures import INPUT_REFUSED, TurnFailure, classify_failure
 from healthagent_service.agent.thread_store import RequestContext, ThreadStore
 from healthagent_service.upstream.chatkit_effects import ERROR_EFFECT, USAGE_EFFECT
 
@@ -172,6 +172,10 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
             if not result.is_complete:
                 result.cancel()
         if failure is not None:
+            if failure.reason == INPUT_REFUSED and input_user_message is not None:
+                # a refused message is not part of the conversation: left in the thread, the
+                # model would read it again every later turn
+                yield ThreadItemRemovedEvent(item_id=input_user_message.id)
             yield ClientEffectEvent(name=ERROR_EFFECT, data=failure.effect_data())
             yield ErrorEvent(code="custom", message=failure.message, allow_retry=failure.retryable)
             return

@@ -9,6 +9,7 @@ ChatKit's own `error` event, so a plain ChatKit client still sees an error. The 
   the setting to fix;
 - a guardrail tripwire: INVALID_ARGUMENT (input) or FAILED_PRECONDITION (output), never a
   retry, with the assistant messages whose text is withdrawn;
+- the Agents SDK refusing the agent as configured: FAILED_PRECONDITION;
 - anything else is a defect of the agent's code: INTERNAL, logged with its traceback.
 """
 
@@ -27,11 +28,13 @@ from agents.exceptions import (
     MaxTurnsExceeded,
     ModelBehaviorError,
     OutputGuardrailTripwireTriggered,
+    UserError,
 )
 
 from healthagent_service.agent.model import TruncatedModelStream
 
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
+INPUT_REFUSED = "INPUT_REFUSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +102,7 @@ def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnF
         name = _guardrail_name(exc)
         return TurnFailure(
             "INVALID_ARGUMENT",
-            "INPUT_REFUSED",
+            INPUT_REFUSED,
             f"the message was refused by the input guardrail {name!r}",
             withdrawn_item_ids=tuple(added_messages),
             metadata={"guardrail": name},
@@ -167,6 +170,13 @@ def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnF
             "MODEL_STREAM_FAILED",
             "the model did not finish its answer",
             retry_after_seconds=DEFAULT_RETRY_AFTER_SECONDS,
+        )
+    if isinstance(exc, UserError):
+        # the Agents SDK refusing the agent as configured (a hosted tool on Chat Completions)
+        return TurnFailure(
+            "FAILED_PRECONDITION",
+            "AGENT_MISCONFIGURED",
+            f"the agent cannot run as configured: {exc.message}",
         )
     if isinstance(exc, MaxTurnsExceeded):
         return TurnFailure(

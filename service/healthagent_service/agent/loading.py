@@ -18,8 +18,8 @@ def load_agent(spec: str | None, model: str | None) -> Agent[Any]:
     """The agent `spec` names (`package.module:attribute`: an `agents.Agent`, or a callable
     taking no arguments that returns one), or the built-in health agent when `spec` is None.
 
-    `model` (HEALTHAGENT_AGENT_MODEL) is given to the built-in agent, and to a custom agent that
-    names no model of its own; None leaves the Agents SDK's default.
+    `model` (HEALTHAGENT_AGENT_MODEL) is the built-in agent's; agents that name none get it
+    from the model provider (`model.DefaultModelProvider`).
     """
     if spec is None:
         return build_health_agent(model)
@@ -48,6 +48,4 @@ def load_agent(spec: str | None, model: str | None) -> Agent[Any]:
             "or a function returning one"
         )
     agent: Agent[Any] = target
-    if agent.model is None and model is not None:
-        agent = agent.clone(model=model)
     return agent

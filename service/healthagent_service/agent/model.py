@@ -20,9 +20,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
-from agents import ModelSettings, RunConfig, set_tracing_disabled
+from agents import Model, ModelSettings, RunConfig, set_tracing_disabled
 from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
@@ -32,6 +33,18 @@ from healthagent_service.emulator.embedded import Emulator, start_emulator
 # Ollama and friends need some key in the header, and ignore it.
 _KEYLESS_PLACEHOLDER = "unused"
 _DONE_MARKER = b"data: [DONE]"
+
+
+class DefaultModelProvider(OpenAIProvider):
+    """OpenAI's provider, with HEALTHAGENT_AGENT_MODEL for every agent that names no model
+    (handoff targets included), instead of the Agents SDK's default."""
+
+    def __init__(self, default_model: str | None, **options: Any) -> None:
+        super().__init__(**options)
+        self._default_model = default_model
+
+    def get_model(self, model_name: str | None) -> Model:
+        return super().get_model(model_name or self._default_model)
 
 
 class TruncatedModelStream(httpx2.RemoteProtocolError):
@@ -82,11 +95,15 @@ class ModelConnection:
     emulator: Emulator | None
     # the Agents SDK's traces go to OpenAI: only when asked for, and never without a key
     tracing: bool
+    # HEALTHAGENT_AGENT_MODEL: for agents that name none (None: the Agents SDK's default)
+    default_model: str | None
 
     def run_config(self) -> RunConfig:
         """How every run reaches the model."""
-        provider = OpenAIProvider(
-            openai_client=self.client, use_responses=self.api is AgentModelApi.RESPONSES
+        provider = DefaultModelProvider(
+            self.default_model,
+            openai_client=self.client,
+            use_responses=self.api is AgentModelApi.RESPONSES,
         )
         # the Agents SDK asks a Chat Completions server for usage only if it is OpenAI's own
         settings = (
@@ -135,4 +152,6 @@ async def connect_model(settings: Settings) -> ModelConnection:
             connect=settings.upstream_connect_timeout_seconds,
         ),
     )
-    return ModelConnection(client, settings.agent_api, base_url, emulator, tracing)
+    return ModelConnection(
+        client, settings.agent_api, base_url, emulator, tracing, settings.agent_model
+    )
