@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", help=f"HOST:PORT (default HEALTHAGENT_LISTEN or {DEFAULT_LISTEN})"
     )
     serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve gRPC-Web and the seeds' HTTP contract here (HEALTHAGENT_HTTP_LISTEN)",
+    )
+    serve.add_argument(
         "--workers",
         type=_worker_count,
         help="server processes sharing the port, one per core (default HEALTHAGENT_WORKERS or 1)",
@@ -201,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "serve":
             if options.workers is not None:
                 settings.workers = options.workers
+            if options.http is not None:
+                settings.http_listen = options.http
             if settings.workers > 1 and settings.worker_index is None:
                 from healthagent_service.workers import run_workers
 

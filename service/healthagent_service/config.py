@@ -152,6 +152,14 @@ class Settings(BaseSettings):
         default=10_000, ge=1, alias="HEALTHAGENT_REALTIME_MAX_CONVERSATIONS"
     )
 
+    # The HTTP listener: gRPC-Web, the seeds' SSE contract, the demo page (off when empty)
+    http_listen: str = Field(default="", alias="HEALTHAGENT_HTTP_LISTEN")
+    http_cors_origins: str = Field(default="", alias="HEALTHAGENT_HTTP_CORS_ORIGINS")
+    http_demo: bool = Field(default=False, alias="HEALTHAGENT_HTTP_DEMO")
+    http_heartbeat_seconds: float = Field(
+        default=15.0, gt=0, le=300, alias="HEALTHAGENT_HTTP_HEARTBEAT_SECONDS"
+    )
+
     # The agent server (`healthagent agent`, and `serve` with HEALTHAGENT_UPSTREAM=agent)
     agent: str | None = Field(default=None, alias="HEALTHAGENT_AGENT")
     agent_model: str | None = Field(default=None, alias="HEALTHAGENT_AGENT_MODEL")
@@ -307,6 +315,11 @@ class Settings(BaseSettings):
         if self.chatkit_auth_header is not None:  # the value alone, without "Name: "
             values.append(self.chatkit_auth_header.get_secret_value().partition(":")[2].strip())
         return values
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """HEALTHAGENT_HTTP_CORS_ORIGINS, comma-separated."""
+        return [origin.strip() for origin in self.http_cors_origins.split(",") if origin.strip()]
 
     @property
     def effective_realtime_url(self) -> str:

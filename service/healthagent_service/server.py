@@ -7,7 +7,7 @@ import secrets
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import httpx
@@ -46,6 +46,9 @@ from healthagent_service.upstream.chatkit import (
 from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.realtime import RealtimeConfig, RealtimeUpstream
+
+if TYPE_CHECKING:  # uvicorn and starlette load only when the listener is on
+    from healthagent_service.web.listener import HttpListener
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +137,8 @@ class RunningServer:
     upstream_description: str
     # the supervised agent server, in agent mode without HEALTHAGENT_CHATKIT_URL
     agent: AgentProcess | None = None
+    # the HTTP listener (gRPC-Web, the seeds' contract), when HEALTHAGENT_HTTP_LISTEN is set
+    web: HttpListener | None = None
 
     async def stop(self, grace: float | None, drain: float = 0.0) -> None:
         """Flip health to NOT_SERVING; keep serving for `drain` s so load balancers see it;
@@ -142,7 +147,10 @@ class RunningServer:
         self.trimmer.cancel()
         if drain > 0:
             await asyncio.sleep(drain)
-        stopping = asyncio.gather(*(server.stop(grace) for server in self.servers))
+        stopping = asyncio.gather(
+            *(server.stop(grace) for server in self.servers),
+            *([self.web.stop(grace or 0.0)] if self.web is not None else []),
+        )
         if grace:
             await asyncio.wait([stopping], timeout=max(0.0, grace - min(0.25, grace / 2)))
         self.servicer.end_chats_for_shutdown()
@@ -289,6 +297,20 @@ def _limiter(settings: Settings) -> Limiter:
     return MemoryLimiter(config)
 
 
+def _web_address(settings: Settings) -> tuple[str, int] | None:
+    """Where the HTTP listener listens, checked like the gRPC port; None when it is off."""
+    if not settings.http_listen:
+        return None
+    host, port = parse_listen(settings.http_listen)
+    check_exposure(settings, host)
+    if settings.tls_require_client_cert:
+        raise ValueError(
+            "HEALTHAGENT_HTTP_LISTEN cannot check client certificates: it is not allowed with "
+            "HEALTHAGENT_TLS_REQUIRE_CLIENT_CERT"
+        )
+    return host, port
+
+
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     wants_mtls = settings.tls_client_ca_file is not None or settings.tls_require_client_cert
     if settings.tls_cert_file is None and settings.tls_key_file is None:
@@ -431,9 +453,14 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         handlers,
     )
     reservation: PortReservation | None = None
+    web: HttpListener | None = None
     try:
         host, port = parse_listen(listen or settings.listen)
         check_exposure(settings, host)
+        web_address = _web_address(settings)
+        # the HTTP listener's calls come in on a loopback port of their own: plain, whatever
+        # TLS the public port has, and always this process's
+        bridge_port = servers[0].add_insecure_port("127.0.0.1:0") if web_address else 0
         if isinstance(limiter, RedisLimiter):
             await limiter.ping()
         await revoker.start()
@@ -445,6 +472,19 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         bound, *_ = [_bind(server, address, credentials) for server in servers]
         for server in servers:
             await server.start()
+        if web_address is not None:
+            from healthagent_service.web.listener import start_http_listener
+
+            web = await start_http_listener(
+                *web_address,
+                grpc_port=bridge_port,
+                cors_origins=settings.cors_origins,
+                max_message_bytes=settings.max_message_bytes,
+                demo=settings.http_demo,
+                share_port=settings.worker_index is not None,
+                grace_seconds=settings.shutdown_grace_seconds,
+                heartbeat_seconds=settings.http_heartbeat_seconds,
+            )
         metrics_port = 0
         if settings.metrics_listen:
             metrics_host, wanted_port = parse_listen(settings.metrics_listen)
@@ -453,6 +493,8 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
                 wanted_port += settings.worker_index  # one scrape target per worker
             metrics_port = metrics.serve(metrics_host, wanted_port)
     except BaseException:
+        if web is not None:
+            await web.stop(0.0)
         await asyncio.gather(*(server.stop(None) for server in servers))
         if reservation is not None:
             reservation.close()
@@ -486,6 +528,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         emulator,
         describe_upstream(settings),
         agent,
+        web,
     )
 
 

@@ -213,6 +213,12 @@ def run_workers(settings: Settings, listen: str | None) -> int:
         # each worker runs its own agent child: one secret, so each accepts every worker's tokens
         os.environ["HEALTHAGENT_AGENT_TOKEN_SECRET"] = secrets.token_urlsafe(48)
     host, port = parse_listen(listen or settings.listen)
-    with reserve_port(host, port) as reservation:
+    with contextlib.ExitStack() as reservations:
+        reservation = reservations.enter_context(reserve_port(host, port))
         address = join_listen(host, reservation.port)
+        if settings.http_listen:
+            # held like the gRPC port; each worker's HTTP listener joins it (SO_REUSEPORT)
+            web_host, web_port = parse_listen(settings.http_listen)
+            web = reservations.enter_context(reserve_port(web_host, web_port))
+            os.environ["HEALTHAGENT_HTTP_LISTEN"] = join_listen(web_host, web.port)
         return Supervisor(settings, address, settings.workers).run()

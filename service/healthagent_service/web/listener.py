@@ -1,0 +1,213 @@
+"""The HTTP listener (`HEALTHAGENT_HTTP_LISTEN`, `serve --http`): ASGI on uvicorn, in the
+service's own process and event loop.
+
+It serves gRPC-Web at the root path (grpc-dart drops any path prefix), the seeds' contract at
+`/functions/v1/health-agent`, and, when `HEALTHAGENT_HTTP_DEMO` is on, the demo page at `/`;
+CORS for the configured origins wraps them all. Every call is forwarded to this process's gRPC
+server over a loopback port of its own (plain, whatever TLS the public port has), so nothing
+about a call is decided here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Generator
+from importlib import resources
+from typing import Any
+
+import grpc
+import structlog
+import uvicorn
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from healthagent_service.web.grpc_web import GrpcWebBridge, Receive, Scope, Send
+from healthagent_service.web.seed_contract import (
+    SSE_HEADERS,
+    ContractError,
+    SeedContract,
+    parse_body,
+)
+
+log = structlog.get_logger(__name__)
+
+SEED_PATH = "/functions/v1/health-agent"
+MAX_SEED_BODY_BYTES = 1024 * 1024
+ALLOWED_HEADERS = [
+    "authorization",
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "x-request-id",
+]
+EXPOSED_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin", "x-request-id"]
+_DEMO_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/demo.js": ("demo.js", "text/javascript"),
+}
+
+
+class WebApp:
+    """Routes one HTTP request to the gRPC-Web bridge, the seeds' contract or the demo page."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        max_message_bytes: int,
+        demo: bool,
+        heartbeat_seconds: float,
+    ) -> None:
+        self.bridge = GrpcWebBridge(channel, max_message_bytes)
+        self.contract = SeedContract(channel, heartbeat_seconds)
+        self._demo = demo
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if self.bridge.serves(path):
+            await self.bridge(scope, receive, send)
+            return
+        if path == SEED_PATH:
+            response = await self._seed(Request(scope, receive))
+        elif self._demo and path in _DEMO_FILES and scope["method"] == "GET":
+            name, media_type = _DEMO_FILES[path]
+            page = resources.files("healthagent_service.web").joinpath("demo", name).read_bytes()
+            response = Response(page, media_type=media_type, headers={"cache-control": "no-cache"})
+        else:
+            response = JSONResponse({"error": f"no such path: {path}"}, status_code=404)
+        await response(scope, receive, send)
+
+    async def _seed(self, request: Request) -> Response:
+        if request.method != "POST":
+            return JSONResponse({"success": False, "error": "use POST"}, status_code=405)
+        try:
+            raw = bytearray()
+            async for piece in request.stream():
+                raw += piece
+                if len(raw) > MAX_SEED_BODY_BYTES:
+                    return JSONResponse(
+                        {"success": False, "error": "request body too large"}, status_code=413
+                    )
+            answer = await self.contract.answer(parse_body(bytes(raw)), request.headers)
+        except ContractError as refused:
+            return JSONResponse(refused.body, status_code=refused.status)
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(
+            answer,
+            headers={k.decode(): v.decode() for k, v in SSE_HEADERS[1:]},
+            media_type=SSE_HEADERS[0][1].decode(),
+        )
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn in `serve`'s loop: `serve` owns the signals and the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class HttpListener:
+    """The listener's socket, uvicorn server and loopback channel."""
+
+    def __init__(
+        self, server: uvicorn.Server, task: asyncio.Task[None], channel: grpc.aio.Channel, port: int
+    ) -> None:
+        self._server = server
+        self._task = task
+        self._channel = channel
+        self.port = port
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking connections; give open ones `grace` seconds (they are gRPC calls, which
+        the gRPC server's own shutdown ends), then close."""
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._task), grace + 1.0)
+        if not self._task.done():
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await self._task
+        await self._channel.close()
+
+
+def _listening_socket(host: str, port: int, *, share: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share:  # `serve --workers`: the workers share the port, as they share the gRPC one
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def start_http_listener(
+    host: str,
+    port: int,
+    *,
+    grpc_port: int,
+    cors_origins: list[str],
+    max_message_bytes: int,
+    demo: bool,
+    share_port: bool,
+    grace_seconds: float,
+    heartbeat_seconds: float,
+) -> HttpListener:
+    """Listen on host:port (0 picks one: see `HttpListener.port`), forwarding to the gRPC
+    server's loopback port `grpc_port`."""
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{grpc_port}",
+        options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.max_send_message_length", 4 * max_message_bytes + 64 * 1024),
+        ],
+    )
+    app: Any = WebApp(
+        channel,
+        max_message_bytes=max_message_bytes,
+        demo=demo,
+        heartbeat_seconds=heartbeat_seconds,
+    )
+    if cors_origins:
+        app = CORSMiddleware(
+            app,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=ALLOWED_HEADERS,
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    sock = _listening_socket(host, port, share=share_port)
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        # streams are long: no compression (none is configured), and no keep-alive cut-off
+        timeout_graceful_shutdown=max(1, int(grace_seconds)),
+        server_header=False,
+    )
+    server = _EmbeddedServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await channel.close()
+            task.result()
+            raise OSError(f"the HTTP listener could not start on {host}:{port}")
+        await asyncio.sleep(0.01)
+    bound = sock.getsockname()[1]
+    log.info("HTTP listener", listen=f"{host}:{bound}", cors_origins=cors_origins, demo=demo)
+    return HttpListener(server, task, channel, bound)
