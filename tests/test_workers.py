@@ -268,3 +268,48 @@ def test_workers_refuse_a_port_another_program_holds(emulator: EmulatorProcess) 
         result = _serve_exit(env, f"127.0.0.1:{port}")
     assert result.returncode == 2
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_workers_share_the_http_listeners_port(emulator: EmulatorProcess) -> None:
+    web_port = free_port()
+    server = start_serve(
+        **emulator.service_env(),
+        **NO_LIMITS,
+        HEALTHAGENT_WORKERS="2",
+        HEALTHAGENT_HTTP_LISTEN=f"127.0.0.1:{web_port}",
+    )
+    try:
+        wait_for_workers(server, 2)
+        answered_by: set[str] = set()
+        request = pb.MintSessionRequest(user="web-worker").SerializeToString()
+        body = len(request).to_bytes(5, "big") + request
+        for _ in range(40):  # a new connection each time: the kernel picks a worker for each
+            with httpx.Client(timeout=10) as http:
+                reply = http.post(
+                    f"http://127.0.0.1:{web_port}/healthagent.v1.HealthAgent/MintSession",
+                    content=body,
+                    headers={"content-type": "application/grpc-web+proto"},
+                )
+            trailers = _trailers_frame(reply.content)
+            assert trailers["grpc-status"] == "0", trailers
+            request_id = trailers["x-request-id"]
+            answered_by.add(request_id[:16])
+            if len(answered_by) == 2:
+                break
+        assert len(answered_by) == 2, "every HTTP connection reached the same worker"
+    finally:
+        assert server.terminate() == 0
+    assert "Traceback" not in server.log()
+
+
+def _trailers_frame(body: bytes) -> dict[str, str]:
+    """The trailers frame (flag 0x80) of a gRPC-Web answer, as a dict."""
+    offset = 0
+    while offset < len(body):
+        flags, length = body[offset], int.from_bytes(body[offset + 1 : offset + 5], "big")
+        data = body[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if flags & 0x80:
+            pairs = [line.split(": ", 1) for line in data.decode().split("\r\n") if line]
+            return {name: value for name, value in pairs}
+    raise AssertionError("no trailers frame")
