@@ -1,21 +1,25 @@
-"""Run `healthagent serve` and `healthagent emulator` as real processes (tests and benchmarks)."""
+"""Run `healthagent serve`, `healthagent agent` and `healthagent emulator` as real processes
+(tests and benchmarks)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HEALTHAGENT = str(Path(sys.executable).parent / "healthagent")
@@ -70,25 +74,76 @@ def wait_serving(address: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
-def start_serve(listen: str | None = None, **env: str) -> ServeProcess:
-    """Start `healthagent serve` on `listen` (default: a free loopback port) and wait until it
-    is SERVING."""
-    address = listen or f"127.0.0.1:{free_port()}"
+def _launch(
+    arguments: list[str], env: dict[str, str], wait_ready: Callable[[subprocess.Popen[bytes]], None]
+) -> tuple[subprocess.Popen[bytes], IO[bytes], float]:
+    """Start `healthagent ARGUMENTS` with its output in a temporary file, and wait until
+    `wait_ready` returns: the process, its log and the seconds that took. A TimeoutError from
+    `wait_ready` kills it and raises its log."""
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     started = time.monotonic()
     process = subprocess.Popen(
-        [HEALTHAGENT, "serve", "--listen", address],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=clean_env(**env),
+        [HEALTHAGENT, *arguments], stdout=log_file, stderr=subprocess.STDOUT, env=clean_env(**env)
     )
     try:
-        wait_serving(address)
+        wait_ready(process)
     except TimeoutError:
         process.kill()
         log_file.seek(0)
         raise RuntimeError(log_file.read().decode()) from None
-    return ServeProcess(process, address, log_file, time.monotonic() - started)
+    return process, log_file, time.monotonic() - started
+
+
+def start_serve(listen: str | None = None, **env: str) -> ServeProcess:
+    """Start `healthagent serve` on `listen` (default: a free loopback port) and wait until it
+    is SERVING."""
+    address = listen or f"127.0.0.1:{free_port()}"
+    process, log_file, seconds = _launch(
+        ["serve", "--listen", address], env, lambda _: wait_serving(address)
+    )
+    return ServeProcess(process, address, log_file, seconds)
+
+
+@dataclass
+class AgentServerProcess(ServeProcess):
+    """`healthagent agent`, its own process: `address` is its ChatKit URL, `auth_header` the
+    credential it requires of the service."""
+
+    auth_header: str = ""
+
+    def service_env(self) -> dict[str, str]:
+        """Settings that point `serve` at this agent server (agent mode, no child of its own)."""
+        return {
+            "HEALTHAGENT_UPSTREAM": "agent",
+            "HEALTHAGENT_CHATKIT_URL": self.address,
+            "HEALTHAGENT_CHATKIT_AUTH_HEADER": self.auth_header,
+        }
+
+
+def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Wait until `url` answers 200 (TimeoutError if it does not, or the process ends first)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(url).status_code == 200:
+                    return
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200")
+
+
+def start_agent_server(**env: str) -> AgentServerProcess:
+    """Start `healthagent agent` on a free loopback port, with a service credential made for it,
+    and wait until its health check answers (its imports take seconds)."""
+    port = free_port()
+    auth_header = f"Authorization: Bearer {secrets.token_urlsafe(32)}"
+    process, log_file, seconds = _launch(
+        ["agent", "--listen", f"127.0.0.1:{port}"],
+        {"HEALTHAGENT_CHATKIT_AUTH_HEADER": auth_header, **env},
+        lambda started: wait_http_ok(f"http://127.0.0.1:{port}/healthz", started),
+    )
+    url = f"http://127.0.0.1:{port}/chatkit"
+    return AgentServerProcess(process, url, log_file, seconds, auth_header)
 
 
 LISTEN, TIME_WAIT = "0A", "06"  # TCP states as /proc/net/tcp writes them
@@ -147,6 +202,10 @@ class EmulatorProcess:
             "OPENAI_API_KEY": self.api_key,
             "OPENAI_WORKFLOW_ID": workflow,
         }
+
+    def agent_env(self) -> dict[str, str]:
+        """Settings that make the agent server's model this emulator's Responses API."""
+        return {"OPENAI_API_KEY": self.api_key, "HEALTHAGENT_AGENT_BASE_URL": self.base_url}
 
     def stop(self) -> None:
         self.process.terminate()

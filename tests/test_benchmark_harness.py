@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
+from bench.agent_path import PATHS
 from bench.performance import TARGETS, start_targets
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -217,3 +219,56 @@ async def test_the_ceiling_streams_the_same_messages_as_healthagent() -> None:
     # session, two passthroughs, progress, the chunks, text done, response done
     assert len(seen["healthagent"]) == 3 + 6
     assert seen["bare"] == seen["healthagent"]
+
+
+@pytest.mark.slow
+def test_agent_path_reports_every_figure(tmp_path: Path) -> None:
+    """`bench.agent_path` at a tiny size: both paths (serve on the emulator's ChatKit; serve on
+    the agent server on the emulator's Responses API), every turn OK, every figure present."""
+    streams, chunks = 3, 5
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.agent_path",
+            "--streams",
+            str(streams),
+            "--chunks",
+            str(chunks),
+            "--pace-ms",
+            "20",
+            "--seconds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads((tmp_path / "agent-path.json").read_text())
+    assert report["command"].startswith("python -m bench.agent_path")
+    assert (report["streams"], report["chunks_per_turn"], report["pace_ms"]) == (streams, 5, 20)
+    paths = {r["path"]: r for r in report["paths"]}
+    assert list(paths) == list(PATHS)
+    for name, result in paths.items():
+        paced = result["paced"]
+        assert paced["errors"] == {} and result["warm_errors"] == {}, (name, result)
+        assert paced["turns"] >= streams and paced["chunks"] == chunks * paced["turns"]
+        for figure in ("first_chunk_latency", "chunk_latency", "time_to_first_chunk"):
+            values = paced[figure]
+            assert values["n"] > 0 and not math.isnan(values["p50_ms"]), (name, figure)
+            # a chunk cannot arrive before the model sent it: one clock on the machine
+            assert 0 <= values["p50_ms"] <= values["p99_ms"] <= values["max_ms"], (name, figure)
+        assert paced["server_cpu_us_per_chunk"] >= 0 and result["path_cpu_us_per_chunk"] > 0
+        assert result["rss_peak_mib"]["serve"] >= result["rss_idle_mib"]["serve"] > 0
+        assert 0 <= result["neighbours_busy_cores"] <= result["machine_busy_cores"]
+        assert report["targets"][name]["errors"] == 0
+    # the agent server is a process of its own, accounted for apart from serve
+    assert "agent" not in paths["emulator"]["rss_idle_mib"]
+    assert paths["emulator"]["agent_cpu_us_per_chunk"] == 0
+    assert paths["agent"]["rss_peak_mib"]["agent"] >= paths["agent"]["rss_idle_mib"]["agent"] > 0
+    assert paths["agent"]["agent_cpu_us_per_chunk"] > 0
+    assert "| path | turns | chunks |" in finished.stdout
