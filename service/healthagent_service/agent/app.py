@@ -33,6 +33,7 @@ from healthagent_service.agent.model import ModelConnection, connect_model
 from healthagent_service.agent.thread_store import ThreadStore
 from healthagent_service.config import AgentModelApi, Settings
 from healthagent_service.listen import is_loopback, parse_listen
+from healthagent_service.memory import tune_garbage_collector
 from healthagent_service.security.redaction import REDACTOR
 
 log = structlog.get_logger(__name__)
@@ -261,6 +262,9 @@ async def start_agent_server(
 async def run_agent_server(settings: Settings, listen: str | None = None) -> None:
     """`healthagent agent`: serve until SIGTERM or SIGINT, then let streams finish."""
     running = await start_agent_server(settings, listen, install_signal_handlers=True)
+    # the SDKs leave ~230k objects alive after import: exempt them from collections, or every
+    # full collection pauses all streams for a quarter of a second (docs/benchmarks.md)
+    tune_garbage_collector(settings.gc_gen0_threshold)
     # the supervisor (`serve` in agent mode) reads this line to learn the port
     print(json.dumps({"agent_url": running.url}), flush=True)
     await running.task
