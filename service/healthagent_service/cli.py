@@ -1,4 +1,4 @@
-"""`healthagent` command: serve, chat, mint, emulator."""
+"""`healthagent` command: serve, chat, mint, emulator, health."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -22,10 +24,11 @@ from healthagent_service.config import (
     MAX_WORKERS,
     Settings,
 )
-from healthagent_service.listen import parse_listen
+from healthagent_service.listen import join_listen, parse_listen
 from healthagent_service.logging import configure_logging
 from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
 
+HEALTH_SERVICE = "healthagent.v1.HealthAgent"
 DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
 DEFAULT_EMULATOR_REALTIME_LISTEN = "127.0.0.1:8788"
 
@@ -99,6 +102,29 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a workflow id it knows (repeatable; wf_emulator always)",
     )
+    health = commands.add_parser(
+        "health",
+        help="ask grpc.health.v1 of a running service; exit 0 only when it says SERVING",
+    )
+    health.add_argument(
+        "--target",
+        help=f"HOST:PORT (default: 127.0.0.1 on HEALTHAGENT_LISTEN's port, or {DEFAULT_LISTEN})",
+    )
+    health.add_argument(
+        "--service",
+        default=HEALTH_SERVICE,
+        help=f"the service to ask about ('' for the whole server; default {HEALTH_SERVICE})",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        help="use TLS (default: when HEALTHAGENT_TLS_CERT_FILE is set)",
+    )
+    health.add_argument("--ca-file", help="PEM roots to verify the server (default: system's)")
+    health.add_argument("--server-name", help="name to verify in the server's certificate")
+    health.add_argument("--cert-file", help="client certificate chain (PEM), for mutual TLS")
+    health.add_argument("--key-file", help="client private key (PEM), for mutual TLS")
     return parser
 
 
@@ -175,6 +201,56 @@ async def _emulator(options: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _health_target(listen: str) -> str:
+    """Where `serve` listens on this host: HEALTHAGENT_LISTEN's port, on loopback when it
+    listens on every address."""
+    host, port = parse_listen(listen)
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        host = "127.0.0.1"
+    return join_listen(host, port)
+
+
+def _health(options: argparse.Namespace, settings: Settings) -> int:
+    """`healthagent health`: 0 when the service answers SERVING, else 1 (a container's or a
+    Kubernetes exec probe's health check; no extra binary needed)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = options.target or _health_target(settings.listen)
+    tls = options.tls if options.tls is not None else settings.tls_cert_file is not None
+    if tls:
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        credentials = grpc.ssl_channel_credentials(
+            read(options.ca_file), read(options.key_file), read(options.cert_file)
+        )
+        names = [("grpc.ssl_target_name_override", options.server_name)]
+        channel = grpc.secure_channel(target, credentials, names if options.server_name else [])
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            answer = stub.Check(
+                health_pb2.HealthCheckRequest(service=options.service), timeout=options.timeout
+            )
+        except grpc.RpcError as error:
+            problem = (
+                f"{error.code().name}: {error.details()}"
+                if isinstance(error, grpc.Call)
+                else str(error)
+            )
+            print(f"healthagent health: {target}: {problem}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"healthagent health: {target}: {status}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `healthagent` console script."""
     options = _parser().parse_args(argv)
@@ -227,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(options))
         if options.command == "mint":
             return asyncio.run(_mint(options))
+        if options.command == "health":
+            return _health(options, settings)
         return asyncio.run(_emulator(options, settings))
     except KeyboardInterrupt:
         return 130
