@@ -119,26 +119,14 @@ class ThreadStore(Store[RequestContext]):
     async def load_threads(
         self, limit: int, after: str | None, order: str, context: RequestContext
     ) -> Page[ThreadMetadata]:
-        compare, direction = _order(order)
-        args: list[Any] = [context.user]
-        where = "user_id = ?"
-        if after:
-            cursor = await self.database.fetch(
-                "SELECT created_at, seq FROM agent_threads WHERE id = ? AND user_id = ?",
-                after,
-                context.user,
-            )
-            if not cursor:
-                raise NotFoundError(f"Thread {after} not found")
-            where += f" AND (created_at, seq) {compare} (?, ?)"
-            args.extend(cursor[0])
-        rows = await self.database.fetch(
-            f"SELECT id, data FROM agent_threads WHERE {where}"
-            f" ORDER BY created_at {direction}, seq {direction} LIMIT ?",
-            *args,
-            _limit(limit) + 1,
+        return await self._page(
+            "agent_threads",
+            ("user_id = ?", context.user),
+            after=after,
+            limit=limit,
+            order=order,
+            parse=ThreadMetadata.model_validate_json,
         )
-        return _page(rows, _limit(limit), ThreadMetadata.model_validate_json)
 
     async def delete_thread(self, thread_id: str, context: RequestContext) -> None:
         await self.load_thread(thread_id, context)
@@ -160,28 +148,14 @@ class ThreadStore(Store[RequestContext]):
         context: RequestContext,
     ) -> Page[ThreadItem]:
         await self.load_thread(thread_id, context)
-        compare, direction = _order(order)
-        args: list[Any] = [thread_id, context.user]
-        where = "thread_id = ? AND user_id = ?"
-        if after:
-            cursor = await self.database.fetch(
-                "SELECT created_at, seq FROM agent_items"
-                " WHERE thread_id = ? AND id = ? AND user_id = ?",
-                thread_id,
-                after,
-                context.user,
-            )
-            if not cursor:
-                raise NotFoundError(f"Item {after} not found")
-            where += f" AND (created_at, seq) {compare} (?, ?)"
-            args.extend(cursor[0])
-        rows = await self.database.fetch(
-            f"SELECT id, data FROM agent_items WHERE {where}"
-            f" ORDER BY created_at {direction}, seq {direction} LIMIT ?",
-            *args,
-            _limit(limit) + 1,
+        return await self._page(
+            "agent_items",
+            ("thread_id = ? AND user_id = ?", thread_id, context.user),
+            after=after,
+            limit=limit,
+            order=order,
+            parse=_ITEM.validate_json,
         )
-        return _page(rows, _limit(limit), _ITEM.validate_json)
 
     async def add_thread_item(
         self, thread_id: str, item: ThreadItem, context: RequestContext
@@ -224,6 +198,36 @@ class ThreadStore(Store[RequestContext]):
             item_id,
             context.user,
         )
+
+    async def _page(
+        self,
+        table: str,
+        scope: tuple[Any, ...],
+        *,
+        after: str | None,
+        limit: int,
+        order: str,
+        parse: Any,
+    ) -> Page[Any]:
+        """One page of `table`'s rows within `scope` (a WHERE clause and its arguments), in
+        `created_at` order, after the row whose id is `after` (exclusive)."""
+        where, *args = scope
+        compare, direction = _order(order)
+        if after:
+            cursor = await self.database.fetch(
+                f"SELECT created_at, seq FROM {table} WHERE {where} AND id = ?", *args, after
+            )
+            if not cursor:
+                raise NotFoundError(f"{after} not found")
+            where += f" AND (created_at, seq) {compare} (?, ?)"
+            args.extend(cursor[0])
+        rows = await self.database.fetch(
+            f"SELECT id, data FROM {table} WHERE {where}"
+            f" ORDER BY created_at {direction}, seq {direction} LIMIT ?",
+            *args,
+            _limit(limit) + 1,
+        )
+        return _page(rows, _limit(limit), parse)
 
     # -- attachments -------------------------------------------------------------------------
 

@@ -45,6 +45,11 @@ ALLOWED_HEADERS = [
     "x-request-id",
 ]
 EXPOSED_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin", "x-request-id"]
+_DEMO_HEADERS = {
+    "cache-control": "no-cache",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 _DEMO_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/demo.js": ("demo.js", "text/javascript"),
@@ -78,7 +83,7 @@ class WebApp:
         elif self._demo and path in _DEMO_FILES and scope["method"] == "GET":
             name, media_type = _DEMO_FILES[path]
             page = resources.files("healthagent_service.web").joinpath("demo", name).read_bytes()
-            response = Response(page, media_type=media_type, headers={"cache-control": "no-cache"})
+            response = Response(page, media_type=media_type, headers=_DEMO_HEADERS)
         else:
             response = JSONResponse({"error": f"no such path: {path}"}, status_code=404)
         await response(scope, receive, send)
