@@ -506,7 +506,7 @@ def test_service_image_streams_and_drains_on_sigterm(podman: Podman) -> None:
     secret = "image-test-jwt-secret-0123456789abcdef"
     port = free_port()
     address = f"127.0.0.1:{port}"
-    drain, grace = 1.0, 20.0
+    drain, grace = 2.0, 20.0
     env = {
         # host networking here, so the host's loopback; in a pod it is 0.0.0.0:50051
         "HEALTHAGENT_LISTEN": address,
@@ -555,6 +555,13 @@ def test_service_image_streams_and_drains_on_sigterm(podman: Podman) -> None:
         assert first_chunk.wait(30)
         stopped = time.monotonic()
         podman.run("kill", "--signal", "TERM", name)
+        # the drain: health says NOT_SERVING (readiness drops) while the stream goes on
+        with grpc.insecure_channel(address) as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(
+                health_pb2.HealthCheckRequest(service="healthagent.v1.HealthAgent"), timeout=1
+            )
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
         status = podman.wait_exit(name, timeout=drain + grace + 30)
         took = time.monotonic() - stopped
         streamer.join(30)
