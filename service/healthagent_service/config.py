@@ -210,7 +210,7 @@ class Settings(BaseSettings):
     def _header_has_a_name(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             name, colon, header_value = value.get_secret_value().partition(":")
-            if not colon or not _HEADER_NAME.match(name.strip()) or not header_value.strip():
+            if not colon or not _HEADER_NAME.fullmatch(name.strip()) or not header_value.strip():
                 # The message must not repeat the value: it is a secret.
                 raise ValueError("must look like 'Header-Name: value'")
         return value

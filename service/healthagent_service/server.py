@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.api.decoding import TolerantRegistration
 from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
 from healthagent_service.emulator.embedded import Emulator, start_emulator
@@ -40,6 +41,10 @@ from healthagent_service.upstream.realtime import RealtimeConfig, RealtimeUpstre
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthAgent"].full_name
+_REQUEST_CLASSES = {
+    method.name: getattr(pb, method.input_type.name)
+    for method in pb.DESCRIPTOR.services_by_name["HealthAgent"].methods
+}
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -363,7 +368,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     )
     # the generated registrations take any object with the server's two methods
     handlers = cast(grpc.aio.Server, GenericHandlersOnly(servers))
-    pb_grpc.add_HealthAgentServicer_to_server(servicer, handlers)
+    pb_grpc.add_HealthAgentServicer_to_server(
+        servicer, cast(grpc.aio.Server, TolerantRegistration(handlers, _REQUEST_CLASSES))
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]

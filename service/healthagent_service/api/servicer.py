@@ -17,6 +17,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api import validation
 from healthagent_service.api.converter import to_chat_response, to_conversation
+from healthagent_service.api.decoding import Undecodable
 from healthagent_service.api.status import status_code, to_status
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
@@ -47,7 +48,7 @@ Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 Metadata = Iterable[tuple[str, Any]]  # the core's tuple, so it can be iterated twice
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` allows a final newline
 
 
 # new request ids: 32 hex digits, like a UUID's, without a random draw per call
@@ -57,7 +58,7 @@ _new_request_id = UniqueIds()
 def _request_id(metadata: Metadata) -> str:
     """The caller's x-request-id if it is sane, else a new one."""
     for key, value in metadata:
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return _new_request_id()
 
@@ -243,10 +244,14 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         return self._limiter.admit(user)
 
     async def _unary(
-        self, context: Context, rpc: str, work: Callable[[Principal], Awaitable[Response]]
+        self,
+        context: Context,
+        rpc: str,
+        request: object,
+        work: Callable[[Principal], Awaitable[Response]],
     ) -> Response:
         """Run a unary handler's work with a request id, the caller's identity, logging and
-        error mapping."""
+        error mapping (`request` is checked to have decoded)."""
         started, metadata, request_id = _begin(context, rpc)
         # A unary call's headers and trailers reach the caller together, and trailers ride in
         # the same gRPC batch as the answer; headers sent first cost their own batch and
@@ -256,6 +261,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             # with authentication off, anonymous without awaiting a coroutine for it
             auth = self._auth
             principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
+            if type(request) is Undecodable:
+                raise request.error
             response = await work(principal)
         except HealthAgentError as error:
             await self._fail(context, error, started)
@@ -284,7 +291,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 session = await self._mint(mint, options)
             return self._minted(mint, session, principal)
 
-        return await self._unary(context, "MintSession", work)
+        return await self._unary(context, "MintSession", request, work)
 
     def _minted(
         self, mint: validation.MintRequest, session: MintedSession, principal: Principal
@@ -342,7 +349,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     # -- Chat ------------------------------------------------------------------------------
 
     async def Chat(  # noqa: N802 - the name is the RPC's
-        self, request: pb.ChatRequest, context: Context
+        self, request: pb.ChatRequest | Undecodable, context: Context
     ) -> None:
         started, metadata, request_id = _begin(context, "Chat")
         # in the headers, so the caller has it before the first event
@@ -363,6 +370,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         try:
             auth = self._auth
             principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
+            if isinstance(request, Undecodable):
+                raise request.error
             turn = validation.chat_request(request, self._max_message_bytes)
             await self._admit(principal, turn.user)
             if self._info:
@@ -461,7 +470,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 next_page_token=page.next_page_token,
             )
 
-        return await self._unary(context, "ListConversations", work)
+        return await self._unary(context, "ListConversations", request, work)
 
     async def _owned(self, principal: Principal, user: str, conversation_id: str) -> Any:
         user, conversation_id = validation.user_and_conversation(user, conversation_id)
@@ -478,7 +487,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             conversation = await self._owned(principal, request.user, request.conversation_id)
             return pb.GetConversationResponse(conversation=to_conversation(conversation))
 
-        return await self._unary(context, "GetConversation", work)
+        return await self._unary(context, "GetConversation", request, work)
 
     async def DeleteConversation(  # noqa: N802 - the name is the RPC's
         self, request: pb.DeleteConversationRequest, context: Context
@@ -492,7 +501,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 raise conversation_not_found(conversation_id)
             return pb.DeleteConversationResponse()
 
-        return await self._unary(context, "DeleteConversation", work)
+        return await self._unary(context, "DeleteConversation", request, work)
 
     async def ExportConversation(  # noqa: N802 - the name is the RPC's
         self, request: pb.ExportConversationRequest, context: Context
@@ -512,7 +521,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 content=export.to_json(conversation),
             )
 
-        return await self._unary(context, "ExportConversation", work)
+        return await self._unary(context, "ExportConversation", request, work)
 
     async def RevokeSessions(  # noqa: N802 - the name is the RPC's
         self, request: pb.RevokeSessionsRequest, context: Context
@@ -523,4 +532,4 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             revoked, closed = await self._revoker.revoke(user)
             return pb.RevokeSessionsResponse(revoked_sessions=revoked, closed_sockets=closed)
 
-        return await self._unary(context, "RevokeSessions", work)
+        return await self._unary(context, "RevokeSessions", request, work)

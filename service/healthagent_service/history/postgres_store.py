@@ -42,7 +42,7 @@ LISTENER_APPLICATION_NAME = "healthagent-revocation-listener"
 _LISTEN_CHECK_SECONDS = 2.0
 _LISTEN_CHECK_MARGIN = timedelta(seconds=10)
 _MIGRATION_LOCK = 0x4845414C  # "HEAL": serializes replicas migrating at the same time
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: `$` allows a final newline
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -105,7 +105,7 @@ class PostgresStore(ConversationStore):
     """`ConversationStore` on PostgreSQL, in its own schema."""
 
     def __init__(self, dsn: str, schema: str = "healthagent", pool_size: int = 10) -> None:
-        if not _SCHEMA_NAME.match(schema):
+        if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema name {schema!r} must match {_SCHEMA_NAME.pattern}")
         self._dsn = dsn
         self._schema = schema

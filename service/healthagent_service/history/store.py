@@ -10,8 +10,9 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from healthagent_service.errors import FieldViolation, invalid_argument
+from healthagent_service.errors import FieldViolation, HealthAgentError, invalid_argument
 from healthagent_service.history.models import (
+    CONVERSATION_ID,
     Conversation,
     ConversationPage,
     NewTurn,
@@ -21,6 +22,10 @@ from healthagent_service.ids import UniqueIds
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# ours are about 200 characters (a user id of 256 four-byte characters: under 2,000)
+MAX_PAGE_TOKEN_CHARS = 2048
+# what a token may name: both backends store and compare times in this range
+_OLDEST, _NEWEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
 RevocationListener = Callable[[str], Coroutine[Any, Any, None]]
 
 
@@ -30,6 +35,12 @@ def now() -> datetime:
 
 # "hamsg_" and 24 hex digits: unique across processes and replicas sharing a database
 new_message_id = UniqueIds("hamsg_", counter_digits=8)
+
+
+def _bad_page_token() -> HealthAgentError:
+    return invalid_argument(
+        [FieldViolation("page_token", "is not a token from a previous ListConversations call")]
+    )
 
 
 def encode_page_token(user: str, updated_at: datetime, conversation_id: str) -> str:
@@ -42,15 +53,29 @@ def decode_page_token(user: str, token: str) -> tuple[datetime, str] | None:
     """(updated_at, id) from a token; INVALID_ARGUMENT if it is not one of ours for `user`."""
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise _bad_page_token()
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if raw["u"] != user:
             raise ValueError("token of another user")
-        return datetime.fromisoformat(raw["t"]), str(raw["i"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise invalid_argument(
-            [FieldViolation("page_token", "is not a token from a previous ListConversations call")]
-        ) from None
+        updated_at, conversation_id = datetime.fromisoformat(raw["t"]), raw["i"]
+        # Only what encode_page_token writes: an aware time the stores can hold, taken to UTC
+        # (SQLite compares the text), and a conversation id.
+        if updated_at.tzinfo is None or not _OLDEST <= updated_at <= _NEWEST:
+            raise ValueError("time out of range")
+        if not isinstance(conversation_id, str) or not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ValueError("not a conversation id")
+        return updated_at.astimezone(UTC), conversation_id
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        binascii.Error,
+        RecursionError,  # deeply nested JSON
+        OverflowError,
+    ):
+        raise _bad_page_token() from None
 
 
 def check_page_size(page_size: int) -> int:
