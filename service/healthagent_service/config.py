@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(default=32, ge=0, alias="HEALTHAGENT_MAX_STREAMS_PER_USER")
     redis_url: SecretStr | None = Field(default=None, alias="HEALTHAGENT_REDIS_URL")
     redis_prefix: str = Field(default="healthagent", min_length=1, alias="HEALTHAGENT_REDIS_PREFIX")
+    # a stream's slot in Redis is a lease renewed while it lasts: what a process that died
+    # holding slots leaves behind is free again after this long
+    stream_slot_lease_seconds: float = Field(
+        default=60.0, ge=3, le=3600, alias="HEALTHAGENT_STREAM_SLOT_LEASE_SECONDS"
+    )
     client_stall_seconds: float = Field(
         default=30.0, gt=0, alias="HEALTHAGENT_CLIENT_STALL_SECONDS"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -118,17 +119,20 @@ def _client_too_slow(limit: float) -> HealthAgentError:
 
 @contextlib.asynccontextmanager
 async def _relayed(
-    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
+    stream: AsyncGenerator[ChatEvent, None],
+    recording: TurnRecording,
+    cut_reason: Callable[[], str],
 ) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
-    """Yield `stream`; on the way out close it, then write the turn down, both to their end
-    even when the handler is cancelled meanwhile. gRPC cancels the handler when the caller
+    """Yield `stream`; on the way out close it, then write the turn down (a turn that did
+    not end by itself as cut off for `cut_reason()`), both to their end even when the handler
+    is cancelled meanwhile. gRPC cancels the handler when the caller
     leaves, which can land while the upstream response is being closed (a caller that leaves
     during a write fails the write first, then cancels); an interrupted close left the
     upstream connection open and its pool slot taken for good."""
     try:
         yield stream
     finally:
-        closing = asyncio.ensure_future(_close_and_finish(stream, recording))
+        closing = asyncio.ensure_future(_close_and_finish(stream, recording, cut_reason()))
         cancelled = False
         while not closing.done():
             try:
@@ -141,12 +145,12 @@ async def _relayed(
 
 
 async def _close_and_finish(
-    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
+    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording, cut_reason: str
 ) -> None:
     try:
         await stream.aclose()
     finally:
-        await recording.finish()
+        await recording.finish(cut_reason)
 
 
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
@@ -191,6 +195,17 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         self._log = log.bind()
         # lines at info are skipped before their fields are computed when the level is higher
         self._info = bool(self._log.is_enabled_for(logging.INFO))
+
+    def _cut_reason(self, context: Context, stall: Deadline) -> str:
+        """Why a turn that did not end by itself was cut off, as the caller is told."""
+        if stall.expired:
+            return "CLIENT_TOO_SLOW"
+        if self._shutting_down:
+            return "SHUTTING_DOWN"
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
 
     @property
     def active_chats(self) -> int:
@@ -353,7 +368,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     ) -> None:
         started, metadata, request_id = _begin(context, "Chat")
         # in the headers, so the caller has it before the first event
-        await context.send_initial_metadata(request_id)
+        try:
+            await context.send_initial_metadata(request_id)
+        except Exception:  # the call is over already: the caller left as it began
+            return
         clock = time.perf_counter
         waited = 0.0  # time spent waiting on the upstream
         first_chunk_at: float | None = None
@@ -392,7 +410,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 stall_limit = self._client_stall_seconds
                 loop_time = asyncio.get_running_loop().time
                 self._watchdog.watch(stall)
-                async with _relayed(self._chat.chat(turn), recording) as upstream_events:
+                cut_reason = functools.partial(self._cut_reason, context, stall)
+                async with _relayed(
+                    self._chat.chat(turn), recording, cut_reason
+                ) as upstream_events:
                     next_event = upstream_events.__anext__
                     while True:
                         waiting_since = clock()
@@ -416,8 +437,9 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                         # gRPC flow control makes a write wait while the caller reads slowly
                         # (so upstream reading waits too, and nothing piles up); a caller that
                         # takes no message for `stall_limit` seconds is cut off.
+                        response = to_chat_response(event)
                         stall.at = loop_time() + stall_limit
-                        await write(to_chat_response(event))
+                        await write(response)  # fails only once the call is over
                         stall.at = NOT_ARMED
                         events += 1
             ended = completed = True
@@ -434,7 +456,12 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             ended = True
             await self._fail(context, error, started)
         except Exception as exc:
-            if not context.cancelled():
+            if stall.at != NOT_ARMED:
+                # A write failed: the caller left (cancel, deadline, disconnect) while it was
+                # in flight, which gRPC may report before it cancels this handler. There is
+                # no one to tell.
+                stall.at = NOT_ARMED
+            elif not context.cancelled():
                 ended = True
                 await self._fail(context, _internal(exc), started)
             # else a write failed because the caller left: there is no one to tell

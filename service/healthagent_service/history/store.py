@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from healthagent_service.errors import FieldViolation, HealthAgentError, invalid_argument
+from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError, invalid_argument
 from healthagent_service.history.models import (
     CONVERSATION_ID,
     Conversation,
@@ -78,6 +78,17 @@ def decode_page_token(user: str, token: str) -> tuple[datetime, str] | None:
         raise _bad_page_token() from None
 
 
+def history_unavailable(exc: BaseException) -> HealthAgentError:
+    """The history store cannot be reached or written now (a lost database connection, a
+    full disk): refused, to be retried."""
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE,
+        "HISTORY_UNAVAILABLE",
+        f"the conversation history cannot be reached ({type(exc).__name__}); retry shortly",
+        retry_after_seconds=1.0,
+    )
+
+
 def check_page_size(page_size: int) -> int:
     """AIP-158: 0 means the default, larger than the maximum is capped, negative is invalid."""
     if page_size < 0:
@@ -86,7 +97,8 @@ def check_page_size(page_size: int) -> int:
 
 
 class ConversationStore(ABC):
-    """Conversations, their messages, and upstream sessions. Every write is one transaction."""
+    """Conversations, their messages, and upstream sessions. Every write is one transaction.
+    A store that cannot be reached raises `history_unavailable`'s error."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -95,6 +107,9 @@ class ConversationStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+    async def ping(self) -> None:  # noqa: B027 - an embedded store has nothing to reach
+        """Raise when the store cannot be reached now (for health)."""
 
     @abstractmethod
     async def schema_version(self) -> int:
