@@ -3,6 +3,7 @@ status, the partial text is kept in the history, and no stream ends OK with a tr
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import grpc
@@ -12,6 +13,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import plan_reply
 from tests.conftest import ServiceFactory, emulator_env, event_kinds, status_details
+from tests.loopback_server import listening
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ALL_CHUNKS = -1
@@ -88,3 +90,82 @@ async def test_connection_refused(start_service: ServiceFactory) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         [e async for e in service.stub.Chat(pb.ChatRequest(message="hi", user="u"))]
     assert status_details(failure.value).reason == "UPSTREAM_UNAVAILABLE"
+
+
+class _HoardingUpstream:
+    """A bad upstream on loopback: answers every turn with an event stream whose first event
+    is 3 MiB long and never ends (under the 8 MiB event limit, so each alone is allowed)."""
+
+    EVENT_BYTES = 3 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            writer.write(b"data: " + b"x" * self.EVENT_BYTES)
+            await writer.drain()
+            await reader.read()  # hold until the service or the test closes the connection
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
+    start_service: ServiceFactory,
+) -> None:
+    """Six streams fed 3 MiB events each, with 8 MiB for all: the streams that would take the
+    total past it end RESOURCE_EXHAUSTED (UPSTREAM_BUFFER_FULL), the others go on (issue 23,
+    item 4). Before, every stream held its event: 200 of them took the process to 2.4 GiB."""
+    upstream = _HoardingUpstream()
+    async with listening(upstream):
+        service = await start_service(
+            HEALTHAGENT_CHATKIT_URL=f"http://127.0.0.1:{upstream.port}/chatkit",
+            HEALTHAGENT_UPSTREAM_BUFFER_BYTES=8 * 1024 * 1024,
+            HEALTHAGENT_UPSTREAM_READ_TIMEOUT_SECONDS=30,
+        )
+        calls = [
+            service.stub.Chat(pb.ChatRequest(message="hi", user=f"hoard{index}"))
+            for index in range(6)
+        ]
+        pending = {asyncio.ensure_future(call.read()) for call in calls}
+        done: set[asyncio.Future[object]] = set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(done) < 4 and asyncio.get_running_loop().time() < deadline:
+            finished, pending = await asyncio.wait(
+                pending, timeout=1, return_when=asyncio.FIRST_COMPLETED
+            )
+            done |= finished
+        finished, pending = await asyncio.wait(pending, timeout=0.5)  # and no more end
+        done |= finished
+        streams = service.running.http.streams
+        refused = []
+        for task in done:
+            error = task.exception()
+            assert isinstance(error, grpc.aio.AioRpcError), error
+            refused.append(status_details(error))
+        assert len(refused) == 4 and len(pending) == 2
+        assert {(d.code, d.reason) for d in refused} == {
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_BUFFER_FULL")
+        }
+        assert all(d.retry_delay_seconds for d in refused)
+        assert streams.buffered <= 8 * 1024 * 1024
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for _ in range(100):  # what the cut streams held is let go
+        if streams.buffered == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert streams.buffered == 0

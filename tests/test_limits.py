@@ -327,3 +327,26 @@ async def test_slots_of_a_killed_process_end_with_their_lease(
             await collect(other.stub.Chat(pb.ChatRequest(message="hi", user="held")))
         assert status_details(refused.value).reason == "USER_STREAM_LIMIT"  # still held
         await open_streams(other.stub, "held", 1, timeout=10)  # the lease ended
+
+
+async def test_the_session_pool_is_bounded_in_bytes(
+    emulator: ChatKitEmulator, start_service: ServiceFactory
+) -> None:
+    """Each distinct set of state variables is a pooled session of its own: the pool holds at
+    most HEALTHAGENT_SESSION_POOL_BYTES of them, not only a number of entries (issue 23, 4)."""
+    service = await start_service(
+        **emulator_env(
+            emulator,
+            HEALTHAGENT_RATE_LIMIT_PER_MINUTE=0,
+            HEALTHAGENT_SESSION_POOL_BYTES=1024 * 1024,
+        )
+    )
+    for index in range(150):
+        request = pb.MintSessionRequest(user="pooler")
+        for key in range(4):
+            request.state_variables[f"k{key}"].string_value = f"{index}:" + "v" * 3900
+        await service.stub.MintSession(request)
+    pool = service.running.chatkit.pool
+    assert len(pool) <= 1024 * 1024 // (4 * 3900)  # about 16 KiB each: at most 67 fit
+    assert pool.stats.evictions >= 150 - len(pool)
+    assert pool.bytes <= 1024 * 1024

@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     )
 
     session_pool_size: int = Field(default=10_000, ge=1, alias="HEALTHAGENT_SESSION_POOL_SIZE")
+    session_pool_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, alias="HEALTHAGENT_SESSION_POOL_BYTES"
+    )
     session_refresh_fraction: float = Field(
         default=0.8, gt=0, le=1, alias="HEALTHAGENT_SESSION_REFRESH_FRACTION"
     )
@@ -175,6 +178,10 @@ class Settings(BaseSettings):
     )
     upstream_max_connections: int = Field(
         default=10_000, ge=1, alias="HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS"
+    )
+    # upstream event bytes all streams may hold at once, beyond 64 KiB each
+    upstream_buffer_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024 * 1024, alias="HEALTHAGENT_UPSTREAM_BUFFER_BYTES"
     )
     retry_after_seconds: float = Field(default=1.0, ge=0, alias="HEALTHAGENT_RETRY_AFTER_SECONDS")
 

@@ -344,6 +344,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
             pool=30.0,
         ),
         max_connections=settings.upstream_max_connections,
+        max_buffered_bytes=settings.upstream_buffer_bytes,
     )
     store = store_from_settings(settings)
     try:
@@ -367,6 +368,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         _chatkit_config(settings, emulator, api_key),
         http,
         pool_size=settings.session_pool_size,
+        pool_bytes=settings.session_pool_bytes,
         refresh_fraction=settings.session_refresh_fraction,
     )
 
