@@ -4,6 +4,8 @@ status, the partial text is kept in the history, and no stream ends OK with a tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 
 import grpc
@@ -14,6 +16,7 @@ from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import plan_reply
 from tests.conftest import ServiceFactory, emulator_env, event_kinds, status_details
 from tests.loopback_server import listening
+from tests.stores import POSTGRES_DSN, postgres_schema
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ALL_CHUNKS = -1
@@ -125,9 +128,9 @@ class _HoardingUpstream:
 async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
     start_service: ServiceFactory,
 ) -> None:
-    """Six streams fed 3 MiB events each, with 8 MiB for all: the streams that would take the
-    total past it end RESOURCE_EXHAUSTED (UPSTREAM_BUFFER_FULL), the others go on (issue 23,
-    item 4). Before, every stream held its event: 200 of them took the process to 2.4 GiB."""
+    """Six streams fed 3 MiB events each, with 8 MiB for all: the streams whose growth takes
+    the total past it end RESOURCE_EXHAUSTED (UPSTREAM_BUFFER_FULL), the others go on (issue
+    23, item 4). Before, every stream held its event: 200 of them took the process to 2.4 GiB."""
     upstream = _HoardingUpstream()
     async with listening(upstream):
         service = await start_service(
@@ -155,7 +158,9 @@ async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
             error = task.exception()
             assert isinstance(error, grpc.aio.AioRpcError), error
             refused.append(status_details(error))
-        assert len(refused) == 4 and len(pending) == 2
+        # 3 MiB each, 8 MiB for all: at most two can hold theirs; a stream that grows while
+        # others hold nearly all of it is ended too, so at times a third one goes
+        assert 4 <= len(refused) <= 5 and len(pending) == 6 - len(refused)
         assert {(d.code, d.reason) for d in refused} == {
             (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_BUFFER_FULL")
         }
@@ -169,3 +174,123 @@ async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
             break
         await asyncio.sleep(0.05)
     assert streams.buffered == 0
+
+
+def _turn_with_text(thread: str, escaped_text: str) -> bytes:
+    """A whole ChatKit turn whose answer is `escaped_text`, written into the JSON as it is
+    (escapes included)."""
+    created = "2026-12-06T00:00:00"
+    content = {"annotations": [], "text": "TEXT", "type": "output_text"}
+    item = {"id": "msg_1", "thread_id": thread, "created_at": created}
+    update = {"type": "thread.item.updated", "item_id": "msg_1"}
+    events: list[dict[str, object]] = [
+        {
+            "type": "thread.created",
+            "thread": {
+                "id": thread,
+                "created_at": created,
+                "status": {"type": "active"},
+                "metadata": {},
+                "items": {"data": [], "has_more": False},
+            },
+        },
+        {"type": "thread.item.added", "item": {**item, "type": "assistant_message", "content": []}},
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.added",
+                "content_index": 0,
+                "content": {**content, "text": ""},
+            },
+        },
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.text_delta",
+                "content_index": 0,
+                "delta": "TEXT",
+            },
+        },
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.done",
+                "content_index": 0,
+                "content": content,
+            },
+        },
+        {
+            "type": "thread.item.done",
+            "item": {**item, "type": "assistant_message", "content": [content]},
+        },
+    ]
+    return b"".join(
+        b"data: " + json.dumps(event).replace('"TEXT"', f'"{escaped_text}"').encode() + b"\n\n"
+        for event in events
+    )
+
+
+class _OddTextUpstream:
+    """A self-hosted ChatKit server on loopback whose answers hold text no store takes as it
+    is: a NUL (PostgreSQL text cannot hold one), or a lone surrogate escape (not Unicode)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.turns = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+            self.turns += 1
+            thread = f"thr_odd{self.turns}"
+            text = "lone \\ud800 half" if b"surrogate" in body else "a\\u0000b"
+            payload = _turn_with_text(thread, text)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload)
+                + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_upstream_text_no_store_takes_is_stored_alike_or_refused(
+    start_service: ServiceFactory, backend: str
+) -> None:
+    """A NUL in the upstream's answer is stored as U+FFFD on both backends (PostgreSQL refused
+    the whole end of the turn, which stayed incomplete); a lone surrogate escape, which
+    protobuf cannot encode, ends the turn UNAVAILABLE (it was INTERNAL). Issue 23, item 3's
+    sibling on the upstream side."""
+    upstream = _OddTextUpstream()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(listening(upstream))
+        env: dict[str, str] = {"HEALTHAGENT_CHATKIT_URL": f"http://127.0.0.1:{upstream.port}/ck"}
+        if backend == "postgres":
+            schema = await stack.enter_async_context(postgres_schema())
+            env |= {"HEALTHAGENT_DATABASE_URL": POSTGRES_DSN, "HEALTHAGENT_DATABASE_SCHEMA": schema}
+        service = await start_service(**env)
+        stub = service.stub
+        events = [e async for e in stub.Chat(pb.ChatRequest(message="hi", user="odd"))]
+        assert events[-1].response_done.text == "a\x00b"  # the caller gets what was said
+        stored = await stub.GetConversation(
+            pb.GetConversationRequest(user="odd", conversation_id="thr_odd1")
+        )
+        answer = stored.conversation.messages[-1]
+        assert (answer.status, answer.text) == (pb.MESSAGE_STATUS_COMPLETE, "a\ufffdb")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Chat(pb.ChatRequest(message="surrogate", user="odd")):
+                pass
+        details = status_details(refused.value)
+        assert (details.code, details.reason) == (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")

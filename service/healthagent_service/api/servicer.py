@@ -107,6 +107,15 @@ def _shutting_down() -> HealthAgentError:
     )
 
 
+def _upstream_not_unicode() -> HealthAgentError:
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE,
+        "UPSTREAM_PROTOCOL_ERROR",
+        "the upstream sent text that is not Unicode (a lone surrogate escape)",
+        retry_after_seconds=1.0,
+    )
+
+
 def _client_too_slow(limit: float) -> HealthAgentError:
     return HealthAgentError(
         ErrorKind.RESOURCE_EXHAUSTED,
@@ -437,7 +446,12 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                         # gRPC flow control makes a write wait while the caller reads slowly
                         # (so upstream reading waits too, and nothing piles up); a caller that
                         # takes no message for `stall_limit` seconds is cut off.
-                        response = to_chat_response(event)
+                        try:
+                            response = to_chat_response(event)
+                        except UnicodeEncodeError:  # a lone surrogate escape in its JSON
+                            error = _upstream_not_unicode()
+                            await recording.upstream_failed(error)
+                            raise error from None
                         stall.at = loop_time() + stall_limit
                         await write(response)  # fails only once the call is over
                         stall.at = NOT_ARMED

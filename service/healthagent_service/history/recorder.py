@@ -20,7 +20,7 @@ import structlog
 
 from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
-from healthagent_service.history.store import ConversationStore
+from healthagent_service.history.store import ConversationStore, storable
 from healthagent_service.upstream.events import (
     ChatEvent,
     ChatTurn,
@@ -55,15 +55,19 @@ class _Transcript:
         error_reason: str = "",
         usage: dict[str, int] | None = None,
     ) -> TurnOutcome:
-        """How the turn ended; `text` defaults to what arrived so far."""
+        """How the turn ended; `text` defaults to what arrived so far. Upstream text is made
+        `storable`, so that both backends keep the same."""
         return TurnOutcome(
             status,
-            self.partial_text() if text is None else text,
-            self.tool_calls,
+            storable(self.partial_text() if text is None else text),
+            [
+                {key: storable(str(value)) for key, value in call.items()}
+                for call in self.tool_calls
+            ],
             usage,
             error_reason,
-            self.upstream_id,
-            self.title,
+            storable(self.upstream_id),
+            storable(self.title),
         )
 
     def partial_text(self) -> str:

@@ -37,6 +37,20 @@ def now() -> datetime:
 new_message_id = UniqueIds("hamsg_", counter_digits=8)
 
 
+def storable(text: str) -> str:
+    """`text` as both backends store it alike: a NUL (which PostgreSQL text cannot hold) and
+    a lone surrogate (not Unicode, which neither can encode) become U+FFFD. For what the
+    upstream says; what callers send with either is refused."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
 def _bad_page_token() -> HealthAgentError:
     return invalid_argument(
         [FieldViolation("page_token", "is not a token from a previous ListConversations call")]

@@ -192,6 +192,10 @@ class _Connection(asyncio.BufferedProtocol):
         client.buffered += charged - self._held
         self._held = charged
         if grew and client.buffered > client.max_buffered_bytes:
+            # let go of it now, not when the handler has unwound: the streams that grow
+            # meanwhile must not be ended for bytes on their way out
+            client.buffered -= charged
+            self._held = 0
             self._fail(
                 BufferBudgetExceededError(
                     f"upstream events held by all streams passed {client.max_buffered_bytes} bytes"
