@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import (
     Conversation,
     ConversationPage,
@@ -566,7 +567,7 @@ class SQLiteStore(ConversationStore):
             await asyncio.sleep(self._revocation_poll_seconds)
             try:
                 revoked = await self._run(functools.partial(_revocations_after, since=since))
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, HealthAgentError) as exc:  # busy, or the disk: next time
                 log.warning("revocation poll failed", error=type(exc).__name__)
                 continue
             for user, stamp in revoked:
