@@ -305,6 +305,7 @@ def test_standalone_emulator_command() -> None:
             None,
         ),
         ({"HEALTHAGENT_REDIS_URL": "redis://127.0.0.1:{port}/0"}, None),
+        ({"HEALTHAGENT_DATA_DIR": "/proc/version/data"}, None),  # not a directory
         ({"HEALTHAGENT_API_KEYS": "not json"}, None),
         ({"HEALTHAGENT_REALTIME_TOOLS": "[{{"}, None),
         (
@@ -315,7 +316,15 @@ def test_standalone_emulator_command() -> None:
             "HEALTHAGENT_TLS_KEY_FILE",
         ),
     ],
-    ids=["postgres-down", "postgres-no-db", "redis-down", "api-keys", "realtime-tools", "tls"],
+    ids=[
+        "postgres-down",
+        "postgres-no-db",
+        "redis-down",
+        "data-dir",
+        "api-keys",
+        "realtime-tools",
+        "tls",
+    ],
 )
 def test_start_up_failures_exit_2_naming_the_setting(
     settings: dict[str, str], named: str | None

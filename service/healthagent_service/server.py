@@ -24,7 +24,11 @@ from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
 from healthagent_service.dependencies import Check, watch_dependencies
 from healthagent_service.emulator.embedded import Emulator, start_emulator
-from healthagent_service.history.backends import describe_store, store_from_settings
+from healthagent_service.history.backends import (
+    OPEN_FAILURES,
+    describe_store,
+    store_from_settings,
+)
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
@@ -353,7 +357,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         await http.aclose()
         if emulator is not None:
             await emulator.close()
-        if isinstance(exc, Exception):  # unreachable, refused, not writable: say what to fix
+        if isinstance(exc, OPEN_FAILURES):  # unreachable, refused, not writable: what to fix
             setting = (
                 "HEALTHAGENT_DATABASE_URL"
                 if settings.database_url is not None
