@@ -132,12 +132,12 @@ async def _relayed(
     recording: TurnRecording,
     cut_reason: Callable[[], str],
 ) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
-    """Yield `stream`; on the way out close it, then write the turn down (a turn that did
-    not end by itself as cut off for `cut_reason()`), both to their end even when the handler
-    is cancelled meanwhile. gRPC cancels the handler when the caller
-    leaves, which can land while the upstream response is being closed (a caller that leaves
-    during a write fails the write first, then cancels); an interrupted close left the
-    upstream connection open and its pool slot taken for good."""
+    """Yield `stream`; on the way out close it, then write the turn down (one that did not
+    end by itself as cut off for `cut_reason()`), both to their end even when the handler is
+    cancelled meanwhile. gRPC cancels the handler when the caller leaves, which can land while
+    the upstream response is being closed (a caller that leaves during a write fails the write
+    first, then cancels); an interrupted close left the upstream connection open and its pool
+    slot taken for good."""
     try:
         yield stream
     finally:
@@ -443,15 +443,15 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                             if type(event) is ResponseDone:
                                 usage = event.usage
                             await recording.observe(event)  # before the caller sees it
-                        # gRPC flow control makes a write wait while the caller reads slowly
-                        # (so upstream reading waits too, and nothing piles up); a caller that
-                        # takes no message for `stall_limit` seconds is cut off.
                         try:
                             response = to_chat_response(event)
                         except UnicodeEncodeError:  # a lone surrogate escape in its JSON
                             error = _upstream_not_unicode()
                             await recording.upstream_failed(error)
                             raise error from None
+                        # gRPC flow control makes a write wait while the caller reads slowly
+                        # (so upstream reading waits too, and nothing piles up); a caller that
+                        # takes no message for `stall_limit` seconds is cut off.
                         stall.at = loop_time() + stall_limit
                         await write(response)  # fails only once the call is over
                         stall.at = NOT_ARMED
