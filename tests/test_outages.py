@@ -43,25 +43,31 @@ async def table_locked(schema: str, table: str) -> AsyncIterator[asyncpg.Connect
         await admin.close()
 
 
-async def terminate_waiting(admin: asyncpg.Connection, schema: str, count: int) -> None:
+async def terminate_waiting(schema: str, count: int) -> None:
     """Wait (bounded) until `count` of the service's connections wait for a lock, then
-    terminate them: the connection is lost in the middle of their statements."""
+    terminate them: the connection is lost in the middle of their statements. (From a
+    connection of its own: inside the lock holder's transaction, pg_stat_activity would be
+    the snapshot its first read took.)"""
     name = f"healthagent/{schema}"
     query = (
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
         " AND wait_event_type = 'Lock'"
     )
-    for _ in range(200):
-        if await admin.fetchval(query, name) >= count:
-            break
-        await asyncio.sleep(0.02)
-    else:
-        pytest.fail("the service's statements never waited for the lock")
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1"
-        " AND wait_event_type = 'Lock'",
-        name,
-    )
+    admin = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        for _ in range(400):  # 8 s, within the service's 10 s statement timeout
+            if await admin.fetchval(query, name) >= count:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the service's statements never waited for the lock")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1"
+            " AND wait_event_type = 'Lock'",
+            name,
+        )
+    finally:
+        await admin.close()
 
 
 async def test_a_connection_lost_mid_call_is_unavailable(
@@ -75,14 +81,14 @@ async def test_a_connection_lost_mid_call_is_unavailable(
         )
         stub = service.stub
         await collect(stub.Chat(pb.ChatRequest(message="hi", user="pg")))
-        async with table_locked(schema, "conversations") as admin:
+        async with table_locked(schema, "conversations"):
             listing = asyncio.ensure_future(
                 stub.ListConversations(pb.ListConversationsRequest(user="pg"))
             )
             chat = asyncio.ensure_future(
                 collect(stub.Chat(pb.ChatRequest(message="again", user="pg")))
             )
-            await terminate_waiting(admin, schema, 2)
+            await terminate_waiting(schema, 2)
         for call in (listing, chat):
             with pytest.raises(grpc.aio.AioRpcError) as lost:
                 await call
@@ -91,9 +97,9 @@ async def test_a_connection_lost_mid_call_is_unavailable(
         stream = stub.Chat(pb.ChatRequest(message="[chunks=40] [pace=20]", user="pg"))
         events = stream.__aiter__()
         received = [await events.__anext__()]  # the session event: the turn's start is written
-        async with table_locked(schema, "messages") as admin:
+        async with table_locked(schema, "messages"):
             finishing = asyncio.ensure_future(collect_rest(events, received))
-            await terminate_waiting(admin, schema, 1)
+            await terminate_waiting(schema, 1)
         received = await finishing
         assert received[-1].WhichOneof("event") == "response_done"
         # and the service carries on with fresh connections
