@@ -107,7 +107,9 @@ async def test_callers_leaving_during_a_write_are_not_errors(
     logged = capsys.readouterr().out
     assert "unexpected error" not in logged and "Traceback" not in logged
     # and the turns that had begun (the upstream named the conversation in time) are recorded
-    # as what happened
+    # as cut off: DEADLINE_EXCEEDED when the service's deadline passed first, CANCELLED when the
+    # caller's own deadline timer cancelled the call a moment before (the two cannot be told
+    # apart then)
     reasons = set()
     for index in range(160):
         user = f"leaver{index}"
@@ -117,7 +119,7 @@ async def test_callers_leaving_during_a_write_are_not_errors(
                 pb.GetConversationRequest(user=user, conversation_id=conversation.id)
             )
             reasons.add(stored.conversation.messages[-1].error_reason)
-    assert reasons == {"DEADLINE_EXCEEDED"}
+    assert "DEADLINE_EXCEEDED" in reasons and reasons <= {"DEADLINE_EXCEEDED", "CANCELLED"}
 
 
 async def test_turns_cut_by_shutdown_are_recorded_as_the_caller_was_told(
