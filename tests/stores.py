@@ -1,11 +1,16 @@
-"""Real databases for the tests: SQLite files, and schemas on this machine's PostgreSQL."""
+"""Real databases for the tests: SQLite files, schemas on this machine's PostgreSQL, and Redis
+servers of a test's own."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -63,3 +68,64 @@ async def open_store(backend: str, tmp_path: Path) -> AsyncIterator[Conversation
             yield store
         finally:
             await store.close()
+
+
+class ThrowawayRedis:
+    """A redis-server of the test's own on a free loopback port, that the test may kill and
+    start again (the machine's shared Redis is never touched). With `persist`, every write is
+    in an append-only file first, so a restart after `kill -9` finds the data as it was."""
+
+    def __init__(self, directory: Path, *, persist: bool = False) -> None:
+        self.directory = directory
+        self.persist = persist
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed")
+            pytest.skip("redis-server is not installed")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else []
+        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        arguments += ["--dir", str(self.directory), "--enable-debug-command", "local"]
+        self.process = subprocess.Popen(
+            [server, *arguments, *persistence],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis-server did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """Gone at once, as a crash or a lost host would leave it."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@contextmanager
+def throwaway_redis(directory: Path, *, persist: bool = False) -> Iterator[ThrowawayRedis]:
+    redis_server = ThrowawayRedis(directory, persist=persist)
+    redis_server.start()
+    try:
+        yield redis_server
+    finally:
+        redis_server.kill()

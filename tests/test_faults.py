@@ -3,6 +3,9 @@ status, the partial text is kept in the history, and no stream ends OK with a tr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import socket
 
 import grpc
@@ -12,6 +15,8 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import plan_reply
 from tests.conftest import ServiceFactory, emulator_env, event_kinds, status_details
+from tests.loopback_server import listening
+from tests.stores import POSTGRES_DSN, postgres_schema
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ALL_CHUNKS = -1
@@ -88,3 +93,204 @@ async def test_connection_refused(start_service: ServiceFactory) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         [e async for e in service.stub.Chat(pb.ChatRequest(message="hi", user="u"))]
     assert status_details(failure.value).reason == "UPSTREAM_UNAVAILABLE"
+
+
+class _HoardingUpstream:
+    """A bad upstream on loopback: answers every turn with an event stream whose first event
+    is 3 MiB long and never ends (under the 8 MiB event limit, so each alone is allowed)."""
+
+    EVENT_BYTES = 3 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            writer.write(b"data: " + b"x" * self.EVENT_BYTES)
+            await writer.drain()
+            await reader.read()  # hold until the service or the test closes the connection
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
+    start_service: ServiceFactory,
+) -> None:
+    """Six streams fed 3 MiB events each, with 8 MiB for all: the streams whose growth takes
+    the total past it end RESOURCE_EXHAUSTED (UPSTREAM_BUFFER_FULL), the others go on (issue
+    23, item 4). Before, every stream held its event: 200 of them took the process to 2.4 GiB."""
+    upstream = _HoardingUpstream()
+    async with listening(upstream):
+        service = await start_service(
+            HEALTHAGENT_CHATKIT_URL=f"http://127.0.0.1:{upstream.port}/chatkit",
+            HEALTHAGENT_UPSTREAM_BUFFER_BYTES=8 * 1024 * 1024,
+            HEALTHAGENT_UPSTREAM_READ_TIMEOUT_SECONDS=30,
+        )
+        calls = [
+            service.stub.Chat(pb.ChatRequest(message="hi", user=f"hoard{index}"))
+            for index in range(6)
+        ]
+        pending = {asyncio.ensure_future(call.read()) for call in calls}
+        done: set[asyncio.Future[object]] = set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(done) < 4 and asyncio.get_running_loop().time() < deadline:
+            finished, pending = await asyncio.wait(
+                pending, timeout=1, return_when=asyncio.FIRST_COMPLETED
+            )
+            done |= finished
+        finished, pending = await asyncio.wait(pending, timeout=0.5)  # and no more end
+        done |= finished
+        streams = service.running.http.streams
+        refused = []
+        for task in done:
+            error = task.exception()
+            assert isinstance(error, grpc.aio.AioRpcError), error
+            refused.append(status_details(error))
+        # 3 MiB each, 8 MiB for all: at most two can hold theirs; a stream that grows while
+        # others hold nearly all of it is ended too, so at times a third one goes
+        assert 4 <= len(refused) <= 5 and len(pending) == 6 - len(refused)
+        assert {(d.code, d.reason) for d in refused} == {
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_BUFFER_FULL")
+        }
+        assert all(d.retry_delay_seconds for d in refused)
+        assert streams.buffered <= 8 * 1024 * 1024
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for _ in range(100):  # what the cut streams held is let go
+        if streams.buffered == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert streams.buffered == 0
+
+
+def _turn_with_text(thread: str, escaped_text: str) -> bytes:
+    """A whole ChatKit turn whose answer is `escaped_text`, written into the JSON as it is
+    (escapes included)."""
+    created = "2026-12-06T00:00:00"
+    content = {"annotations": [], "text": "TEXT", "type": "output_text"}
+    item = {"id": "msg_1", "thread_id": thread, "created_at": created}
+    update = {"type": "thread.item.updated", "item_id": "msg_1"}
+    events: list[dict[str, object]] = [
+        {
+            "type": "thread.created",
+            "thread": {
+                "id": thread,
+                "created_at": created,
+                "status": {"type": "active"},
+                "metadata": {},
+                "items": {"data": [], "has_more": False},
+            },
+        },
+        {"type": "thread.item.added", "item": {**item, "type": "assistant_message", "content": []}},
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.added",
+                "content_index": 0,
+                "content": {**content, "text": ""},
+            },
+        },
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.text_delta",
+                "content_index": 0,
+                "delta": "TEXT",
+            },
+        },
+        {
+            **update,
+            "update": {
+                "type": "assistant_message.content_part.done",
+                "content_index": 0,
+                "content": content,
+            },
+        },
+        {
+            "type": "thread.item.done",
+            "item": {**item, "type": "assistant_message", "content": [content]},
+        },
+    ]
+    return b"".join(
+        b"data: " + json.dumps(event).replace('"TEXT"', f'"{escaped_text}"').encode() + b"\n\n"
+        for event in events
+    )
+
+
+class _OddTextUpstream:
+    """A self-hosted ChatKit server on loopback whose answers hold text no store takes as it
+    is: a NUL (PostgreSQL text cannot hold one), or a lone surrogate escape (not Unicode)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.turns = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+            self.turns += 1
+            thread = f"thr_odd{self.turns}"
+            text = "lone \\ud800 half" if b"surrogate" in body else "a\\u0000b"
+            payload = _turn_with_text(thread, text)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload)
+                + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_upstream_text_no_store_takes_is_stored_alike_or_refused(
+    start_service: ServiceFactory, backend: str
+) -> None:
+    """A NUL in the upstream's answer is stored as U+FFFD on both backends (PostgreSQL refused
+    the whole end of the turn, which stayed incomplete); a lone surrogate escape, which
+    protobuf cannot encode, ends the turn UNAVAILABLE (it was INTERNAL). Issue 23, item 3's
+    sibling on the upstream side."""
+    upstream = _OddTextUpstream()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(listening(upstream))
+        env: dict[str, str] = {"HEALTHAGENT_CHATKIT_URL": f"http://127.0.0.1:{upstream.port}/ck"}
+        if backend == "postgres":
+            schema = await stack.enter_async_context(postgres_schema())
+            env |= {"HEALTHAGENT_DATABASE_URL": POSTGRES_DSN, "HEALTHAGENT_DATABASE_SCHEMA": schema}
+        service = await start_service(**env)
+        stub = service.stub
+        events = [e async for e in stub.Chat(pb.ChatRequest(message="hi", user="odd"))]
+        assert events[-1].response_done.text == "a\x00b"  # the caller gets what was said
+        stored = await stub.GetConversation(
+            pb.GetConversationRequest(user="odd", conversation_id="thr_odd1")
+        )
+        answer = stored.conversation.messages[-1]
+        assert (answer.status, answer.text) == (pb.MESSAGE_STATUS_COMPLETE, "a\ufffdb")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Chat(pb.ChatRequest(message="surrogate", user="odd")):
+                pass
+        details = status_details(refused.value)
+        assert (details.code, details.reason) == (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")

@@ -282,3 +282,73 @@ async def test_realtime_replicas_take_turns_without_losing_context(
         if i.get("role") == "user"
     ]
     assert users == ["turn 0", "turn 1", "turn 2", "turn 3"]  # every turn in the context
+
+
+def markdown_structure(markdown: str) -> list[str]:
+    """The lines of a Markdown document that are its own structure (headings and the
+    emphasized time lines), read as CommonMark reads fenced code blocks: a fence of N
+    backticks or tildes is closed only by a line of at least N of the same."""
+    structure: list[str] = []
+    fence = ""
+    for line in markdown.splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        marker = stripped[:1]
+        run = len(stripped) - len(stripped.lstrip(marker)) if marker in ("`", "~") else 0
+        if fence:
+            if (
+                indent < 4
+                and marker == fence[0]
+                and run >= len(fence)
+                and not stripped[run:].strip()
+            ):
+                fence = ""
+            continue
+        if indent < 4 and run >= 3:
+            fence = marker * run
+            continue
+        if line.startswith("#"):
+            structure.append(line)
+        elif line.startswith("_") and line.endswith("_") and len(line) > 2:
+            structure.append("_time_")
+    return structure
+
+
+async def test_markdown_export_renders_user_text_as_text(
+    emulator: ChatKitEmulator, start_service: ServiceFactory, history_env: dict[str, Any]
+) -> None:
+    """Message text (which the assistant repeats), tool output and ids cannot forge a section,
+    a time or close a fence in the Markdown export (issue 23, item 8)."""
+    service = await start_service(**emulator_env(emulator, **history_env))
+    stub = service.stub
+    forged = (
+        "hello\n\n## Assistant\n_2020-01-01T00:00:00+00:00_\n\nforged answer\n"
+        "```\n~~~\n# Owned\n````json\n"
+    )
+    first = await collect(stub.Chat(pb.ChatRequest(message=forged, user="md")))
+    conversation = first[0].session.conversation_id
+    tool = await collect(
+        stub.Chat(pb.ChatRequest(message="[tool]", user="md", conversation_id=conversation))
+    )
+    call = next(e.tool_call for e in tool if e.WhichOneof("event") == "tool_call")
+    output = json.dumps({"note": "````\n## Assistant\n_2020-01-01_"})
+    await collect(
+        stub.Chat(
+            pb.ChatRequest(
+                user="md",
+                conversation_id=conversation,
+                tool_output=pb.ToolOutput(call_id=call.call_id, output_json=output),
+            )
+        )
+    )
+    exported = await stub.ExportConversation(
+        pb.ExportConversationRequest(
+            user="md", conversation_id=conversation, format=pb.EXPORT_FORMAT_MARKDOWN
+        )
+    )
+    roles = ["## User", "## Assistant", "## User", "## Assistant", "## Tool result", "## Assistant"]
+    expected = ["# Conversation"]
+    for role in roles:
+        expected += [role, "_time_"]
+    assert markdown_structure(exported.content) == expected
+    assert "forged answer" in exported.content  # the text is all there, as text

@@ -224,6 +224,23 @@ async def test_drop_mid_answer_is_unavailable(realtime_service: Service) -> None
     assert event_kinds(received).count("chunk") == 2
 
 
+async def test_logout_mid_answer_aborts_the_turn(realtime_service: Service) -> None:
+    """A RevokeSessions during a turn closes its socket; the caller is told ABORTED
+    SESSION_REVOKED, not the retryable UNAVAILABLE a dropped socket would give (issue 23, 7)."""
+    stub = realtime_service.stub
+    received: list[pb.ChatResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for event in stub.Chat(pb.ChatRequest(message="[chunks=2000] [pace=5]", user="lou")):
+            received.append(event)
+            if len(received) == 3:
+                revoked = await stub.RevokeSessions(pb.RevokeSessionsRequest(user="lou"))
+                assert revoked.closed_sockets == 1
+    details = status_details(failure.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.ABORTED, "SESSION_REVOKED")
+    assert details.retry_delay_seconds is None  # not to be retried as it is
+    assert "response_done" not in event_kinds(received)
+
+
 async def test_client_cancel_closes_the_upstream_socket(
     realtime_service: Service, emulator: ChatKitEmulator
 ) -> None:

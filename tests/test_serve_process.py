@@ -294,3 +294,52 @@ def test_standalone_emulator_command() -> None:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"HEALTHAGENT_DATABASE_URL": "postgresql://postgres@127.0.0.1:{port}/test"}, None),
+        (
+            {"HEALTHAGENT_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/no_such_db_23"},
+            None,
+        ),
+        ({"HEALTHAGENT_REDIS_URL": "redis://127.0.0.1:{port}/0"}, None),
+        ({"HEALTHAGENT_DATA_DIR": "/proc/version/data"}, None),  # not a directory
+        ({"HEALTHAGENT_API_KEYS": "not json"}, None),
+        ({"HEALTHAGENT_REALTIME_TOOLS": "[{{"}, None),
+        (
+            {
+                "HEALTHAGENT_TLS_CERT_FILE": "/nonexistent.pem",
+                "HEALTHAGENT_TLS_KEY_FILE": "/no.pem",
+            },
+            "HEALTHAGENT_TLS_KEY_FILE",
+        ),
+    ],
+    ids=[
+        "postgres-down",
+        "postgres-no-db",
+        "redis-down",
+        "data-dir",
+        "api-keys",
+        "realtime-tools",
+        "tls",
+    ],
+)
+def test_start_up_failures_exit_2_naming_the_setting(
+    settings: dict[str, str], named: str | None
+) -> None:
+    """A dependency that is not there or a setting that is not valid stops `serve` with
+    status 2 and a line naming the setting, not status 1 and a traceback (issue 23, item 9)."""
+    env = {name: value.format(port=free_port()) for name, value in settings.items()}
+    result = subprocess.run(
+        [HEALTHAGENT, "serve", "--listen", f"127.0.0.1:{free_port()}"],
+        env=clean_env(**env),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert (named or next(iter(settings))) in stderr
+    assert "Traceback" not in stderr

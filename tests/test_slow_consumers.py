@@ -75,6 +75,13 @@ async def test_a_stalled_caller_is_cut_off_with_a_clear_status(
     assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details.reason == "CLIENT_TOO_SLOW"
     await wait_for(lambda: emulator.stats.streams_open == 0)  # the upstream was closed too
+    # the history says what the caller was told (issue 23, item 9)
+    listed = await stub.ListConversations(pb.ListConversationsRequest(user="stalled"))
+    stored = await stub.GetConversation(
+        pb.GetConversationRequest(user="stalled", conversation_id=listed.conversations[0].id)
+    )
+    answer = stored.conversation.messages[-1]
+    assert (answer.status, answer.error_reason) == (pb.MESSAGE_STATUS_INCOMPLETE, "CLIENT_TOO_SLOW")
     # A caller that keeps reading, however slowly, is not cut off.
     steady = [e async for e in stub.Chat(pb.ChatRequest(message="[chunks=5]", user="steady"))]
     assert steady[-1].WhichOneof("event") == "response_done"

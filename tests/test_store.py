@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -335,3 +337,37 @@ async def test_sqlite_processes_sharing_a_file_hear_each_others_revocations(
     finally:
         await listener.close()
         await revoker.close()
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+async def test_sqlite_history_is_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """The data directory is 0700 and the database files 0600 (issue 23, item 9): the history
+    holds health conversations, and another local user must not read them."""
+    path = tmp_path / "fresh" / "nested" / "healthagent.db"
+    previous = os.umask(umask)
+    try:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await store.begin_turn(user_turn("thr_private", "mine"))
+            modes = {
+                name: stat.S_IMODE(os.stat(name).st_mode)
+                for name in (
+                    path.parent.parent,
+                    path.parent,
+                    path,
+                    Path(f"{path}-wal"),
+                    Path(f"{path}-shm"),
+                )
+            }
+        finally:
+            await store.close()
+    finally:
+        os.umask(previous)
+    assert modes == {
+        path.parent.parent: 0o700,
+        path.parent: 0o700,
+        path: 0o600,
+        Path(f"{path}-wal"): 0o600,
+        Path(f"{path}-shm"): 0o600,
+    }

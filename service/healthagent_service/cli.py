@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import grpc
 import structlog
 from google.protobuf import json_format
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from healthagent.client import DEFAULT_TARGET, AsyncHealthAgentClient
 from healthagent_service.config import (
@@ -251,6 +253,13 @@ def _health(options: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _setting_of(error: SettingsError) -> str:
+    """The environment variable a settings error is about (pydantic names the field)."""
+    field = re.search(r'field "(\w+)"', str(error))
+    info = Settings.model_fields.get(field.group(1)) if field else None
+    return (info.alias if info is not None else None) or "(unknown)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `healthagent` console script."""
     options = _parser().parse_args(argv)
@@ -260,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.errors():
             setting = ".".join(str(part) for part in problem["loc"])
             print(f"healthagent: invalid setting {setting}: {problem['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as error:  # a JSON setting that is not JSON
+        print(f"healthagent: invalid setting {_setting_of(error)}: not valid JSON", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     needs_agent = options.command == "agent" or (

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(default=32, ge=0, alias="HEALTHAGENT_MAX_STREAMS_PER_USER")
     redis_url: SecretStr | None = Field(default=None, alias="HEALTHAGENT_REDIS_URL")
     redis_prefix: str = Field(default="healthagent", min_length=1, alias="HEALTHAGENT_REDIS_PREFIX")
+    # a stream's slot in Redis is a lease renewed while it lasts: what a process that died
+    # holding slots leaves behind is free again after this long
+    stream_slot_lease_seconds: float = Field(
+        default=60.0, ge=3, le=3600, alias="HEALTHAGENT_STREAM_SLOT_LEASE_SECONDS"
+    )
     client_stall_seconds: float = Field(
         default=30.0, gt=0, alias="HEALTHAGENT_CLIENT_STALL_SECONDS"
     )
@@ -192,6 +197,9 @@ class Settings(BaseSettings):
     )
 
     session_pool_size: int = Field(default=10_000, ge=1, alias="HEALTHAGENT_SESSION_POOL_SIZE")
+    session_pool_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, alias="HEALTHAGENT_SESSION_POOL_BYTES"
+    )
     session_refresh_fraction: float = Field(
         default=0.8, gt=0, le=1, alias="HEALTHAGENT_SESSION_REFRESH_FRACTION"
     )
@@ -207,6 +215,10 @@ class Settings(BaseSettings):
     )
     upstream_max_connections: int = Field(
         default=10_000, ge=1, alias="HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS"
+    )
+    # upstream event bytes all streams may hold at once, beyond 64 KiB each
+    upstream_buffer_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024 * 1024, alias="HEALTHAGENT_UPSTREAM_BUFFER_BYTES"
     )
     retry_after_seconds: float = Field(default=1.0, ge=0, alias="HEALTHAGENT_RETRY_AFTER_SECONDS")
 
@@ -255,7 +267,7 @@ class Settings(BaseSettings):
     def _header_has_a_name(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             name, colon, header_value = value.get_secret_value().partition(":")
-            if not colon or not _HEADER_NAME.match(name.strip()) or not header_value.strip():
+            if not colon or not _HEADER_NAME.fullmatch(name.strip()) or not header_value.strip():
                 # The message must not repeat the value: it is a secret.
                 raise ValueError("must look like 'Header-Name: value'")
         return value

@@ -58,7 +58,9 @@ class HealthAgentError(Exception):
 
 def invalid_argument(violations: list[FieldViolation]) -> HealthAgentError:
     """INVALID_ARGUMENT listing every bad field."""
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    summary = "; ".join(
+        f"{v.field}: {v.description}" if v.field else v.description for v in violations
+    )
     return HealthAgentError(
         ErrorKind.INVALID_ARGUMENT,
         "INVALID_REQUEST",

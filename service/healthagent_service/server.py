@@ -7,6 +7,7 @@ import secrets
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -18,10 +19,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.agent_process import AgentProcess, missing_agent_extra
+from healthagent_service.api.decoding import TolerantRegistration
 from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
+from healthagent_service.dependencies import Check, watch_dependencies
 from healthagent_service.emulator.embedded import Emulator, start_emulator
-from healthagent_service.history.backends import describe_store, store_from_settings
+from healthagent_service.history.backends import (
+    OPEN_FAILURES,
+    describe_store,
+    store_from_settings,
+)
 from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.replay import transcript_loader
 from healthagent_service.history.store import ConversationStore
@@ -53,6 +60,10 @@ if TYPE_CHECKING:  # uvicorn and starlette load only when the listener is on
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthAgent"].full_name
+_REQUEST_CLASSES = {
+    method.name: getattr(pb, method.input_type.name)
+    for method in pb.DESCRIPTOR.services_by_name["HealthAgent"].methods
+}
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -72,7 +83,10 @@ GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
     # would queue the rest in the client.
     ("grpc.max_concurrent_streams", 10_000),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # gRPC refuses metadata over the soft limit only at random, more often nearer the hard
+    # one (20 KiB unless set): both at the documented size, so that it holds exactly
     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
 ]
 
 
@@ -139,12 +153,16 @@ class RunningServer:
     agent: AgentProcess | None = None
     # the HTTP listener (gRPC-Web, the seeds' contract), when HEALTHAGENT_HTTP_LISTEN is set
     web: HttpListener | None = None
+    # sets health from Redis and PostgreSQL being reachable (None when neither is used)
+    dependency_watch: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None, drain: float = 0.0) -> None:
         """Flip health to NOT_SERVING; keep serving for `drain` s so load balancers see it;
         then refuse new calls, let in-flight ones finish for `grace` s, and release all."""
         await self.health.enter_graceful_shutdown()
         self.trimmer.cancel()
+        if self.dependency_watch is not None:
+            self.dependency_watch.cancel()
         if drain > 0:
             await asyncio.sleep(drain)
         stopping = asyncio.gather(
@@ -293,7 +311,12 @@ def _limiter(settings: Settings) -> Limiter:
         settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_streams_per_user
     )
     if settings.redis_url is not None:
-        return RedisLimiter(config, settings.redis_url.get_secret_value(), settings.redis_prefix)
+        return RedisLimiter(
+            config,
+            settings.redis_url.get_secret_value(),
+            settings.redis_prefix,
+            stream_lease_seconds=settings.stream_slot_lease_seconds,
+        )
     return MemoryLimiter(config)
 
 
@@ -323,15 +346,25 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         raise ValueError("set both HEALTHAGENT_TLS_CERT_FILE and HEALTHAGENT_TLS_KEY_FILE")
     if settings.tls_require_client_cert and settings.tls_client_ca_file is None:
         raise ValueError("HEALTHAGENT_TLS_REQUIRE_CLIENT_CERT needs HEALTHAGENT_TLS_CLIENT_CA_FILE")
-    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    pair = (
+        _read(settings.tls_key_file, "HEALTHAGENT_TLS_KEY_FILE"),
+        _read(settings.tls_cert_file, "HEALTHAGENT_TLS_CERT_FILE"),
+    )
     client_ca = (
-        settings.tls_client_ca_file.read_bytes()
+        _read(settings.tls_client_ca_file, "HEALTHAGENT_TLS_CLIENT_CA_FILE")
         if settings.tls_client_ca_file is not None
         else None
     )
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=settings.tls_require_client_cert
     )
+
+
+def _read(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {setting} ({path}): {exc.strerror}") from None
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -381,11 +414,28 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
             pool=30.0,
         ),
         max_connections=settings.upstream_max_connections,
+        max_buffered_bytes=settings.upstream_buffer_bytes,
     )
     store = store_from_settings(settings)
     agent: AgentProcess | None = None
     try:
         await store.open()
+    except BaseException as exc:
+        await http.aclose()
+        if emulator is not None:
+            await emulator.close()
+        if isinstance(exc, OPEN_FAILURES):  # unreachable, refused, not writable: what to fix
+            setting = (
+                "HEALTHAGENT_DATABASE_URL"
+                if settings.database_url is not None
+                else "HEALTHAGENT_DATA_DIR"
+            )
+            raise ValueError(
+                f"cannot open the conversation history, {describe_store(settings)} "
+                f"({type(exc).__name__}: {exc}); check {setting}"
+            ) from None
+        raise
+    try:
         if settings.supervises_agent:
             problem = missing_agent_extra()
             if problem is not None:
@@ -408,6 +458,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         else _chatkit_config(settings, emulator, api_key),
         http,
         pool_size=settings.session_pool_size,
+        pool_bytes=settings.session_pool_bytes,
         refresh_fraction=settings.session_refresh_fraction,
     )
 
@@ -443,7 +494,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     )
     # the generated registrations take any object with the server's two methods
     handlers = cast(grpc.aio.Server, GenericHandlersOnly(servers))
-    pb_grpc.add_HealthAgentServicer_to_server(servicer, handlers)
+    pb_grpc.add_HealthAgentServicer_to_server(
+        servicer, cast(grpc.aio.Server, TolerantRegistration(handlers, _REQUEST_CLASSES))
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
@@ -462,7 +515,13 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         # TLS the public port has, and always this process's
         bridge_port = servers[0].add_insecure_port("127.0.0.1:0") if web_address else 0
         if isinstance(limiter, RedisLimiter):
-            await limiter.ping()
+            try:
+                await limiter.ping()
+            except Exception as exc:
+                raise ValueError(
+                    f"cannot reach Redis for the per-user limits ({type(exc).__name__}: {exc}); "
+                    "check HEALTHAGENT_REDIS_URL"
+                ) from None
         await revoker.start()
         if len(servers) > 1 and settings.worker_index is None:  # workers': the supervisor's
             reservation = reserve_port(host, port)
@@ -511,6 +570,16 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     trimmer = asyncio.create_task(trim_memory_when_quiet(lambda: servicer.active_chats))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    checks: list[Check] = []
+    if isinstance(limiter, RedisLimiter):
+        checks.append(("redis", limiter.ping))
+    if settings.database_url is not None:
+        checks.append(("postgresql", store.ping))
+    watch = (
+        asyncio.create_task(watch_dependencies(health_servicer, ("", SERVICE_NAME), checks))
+        if checks
+        else None
+    )
     return RunningServer(
         servers,
         bound,
@@ -529,6 +598,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         describe_upstream(settings),
         agent,
         web,
+        watch,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api import validation
 from healthagent_service.api.converter import to_chat_response, to_conversation
+from healthagent_service.api.decoding import Undecodable
 from healthagent_service.api.status import status_code, to_status
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
@@ -47,7 +49,7 @@ Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 Metadata = Iterable[tuple[str, Any]]  # the core's tuple, so it can be iterated twice
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` allows a final newline
 
 
 # new request ids: 32 hex digits, like a UUID's, without a random draw per call
@@ -57,7 +59,7 @@ _new_request_id = UniqueIds()
 def _request_id(metadata: Metadata) -> str:
     """The caller's x-request-id if it is sane, else a new one."""
     for key, value in metadata:
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.match(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return _new_request_id()
 
@@ -105,6 +107,15 @@ def _shutting_down() -> HealthAgentError:
     )
 
 
+def _upstream_not_unicode() -> HealthAgentError:
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE,
+        "UPSTREAM_PROTOCOL_ERROR",
+        "the upstream sent text that is not Unicode (a lone surrogate escape)",
+        retry_after_seconds=1.0,
+    )
+
+
 def _client_too_slow(limit: float) -> HealthAgentError:
     return HealthAgentError(
         ErrorKind.RESOURCE_EXHAUSTED,
@@ -117,17 +128,20 @@ def _client_too_slow(limit: float) -> HealthAgentError:
 
 @contextlib.asynccontextmanager
 async def _relayed(
-    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
+    stream: AsyncGenerator[ChatEvent, None],
+    recording: TurnRecording,
+    cut_reason: Callable[[], str],
 ) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
-    """Yield `stream`; on the way out close it, then write the turn down, both to their end
-    even when the handler is cancelled meanwhile. gRPC cancels the handler when the caller
-    leaves, which can land while the upstream response is being closed (a caller that leaves
-    during a write fails the write first, then cancels); an interrupted close left the
-    upstream connection open and its pool slot taken for good."""
+    """Yield `stream`; on the way out close it, then write the turn down (one that did not
+    end by itself as cut off for `cut_reason()`), both to their end even when the handler is
+    cancelled meanwhile. gRPC cancels the handler when the caller leaves, which can land while
+    the upstream response is being closed (a caller that leaves during a write fails the write
+    first, then cancels); an interrupted close left the upstream connection open and its pool
+    slot taken for good."""
     try:
         yield stream
     finally:
-        closing = asyncio.ensure_future(_close_and_finish(stream, recording))
+        closing = asyncio.ensure_future(_close_and_finish(stream, recording, cut_reason()))
         cancelled = False
         while not closing.done():
             try:
@@ -140,12 +154,12 @@ async def _relayed(
 
 
 async def _close_and_finish(
-    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording
+    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording, cut_reason: str
 ) -> None:
     try:
         await stream.aclose()
     finally:
-        await recording.finish()
+        await recording.finish(cut_reason)
 
 
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
@@ -190,6 +204,17 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         self._log = log.bind()
         # lines at info are skipped before their fields are computed when the level is higher
         self._info = bool(self._log.is_enabled_for(logging.INFO))
+
+    def _cut_reason(self, context: Context, stall: Deadline) -> str:
+        """Why a turn that did not end by itself was cut off, as the caller is told."""
+        if stall.expired:
+            return "CLIENT_TOO_SLOW"
+        if self._shutting_down:
+            return "SHUTTING_DOWN"
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
 
     @property
     def active_chats(self) -> int:
@@ -243,10 +268,14 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         return self._limiter.admit(user)
 
     async def _unary(
-        self, context: Context, rpc: str, work: Callable[[Principal], Awaitable[Response]]
+        self,
+        context: Context,
+        rpc: str,
+        request: object,
+        work: Callable[[Principal], Awaitable[Response]],
     ) -> Response:
         """Run a unary handler's work with a request id, the caller's identity, logging and
-        error mapping."""
+        error mapping (`request` is checked to have decoded)."""
         started, metadata, request_id = _begin(context, rpc)
         # A unary call's headers and trailers reach the caller together, and trailers ride in
         # the same gRPC batch as the answer; headers sent first cost their own batch and
@@ -256,6 +285,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             # with authentication off, anonymous without awaiting a coroutine for it
             auth = self._auth
             principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
+            if type(request) is Undecodable:
+                raise request.error
             response = await work(principal)
         except HealthAgentError as error:
             await self._fail(context, error, started)
@@ -284,7 +315,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 session = await self._mint(mint, options)
             return self._minted(mint, session, principal)
 
-        return await self._unary(context, "MintSession", work)
+        return await self._unary(context, "MintSession", request, work)
 
     def _minted(
         self, mint: validation.MintRequest, session: MintedSession, principal: Principal
@@ -342,11 +373,14 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     # -- Chat ------------------------------------------------------------------------------
 
     async def Chat(  # noqa: N802 - the name is the RPC's
-        self, request: pb.ChatRequest, context: Context
+        self, request: pb.ChatRequest | Undecodable, context: Context
     ) -> None:
         started, metadata, request_id = _begin(context, "Chat")
         # in the headers, so the caller has it before the first event
-        await context.send_initial_metadata(request_id)
+        try:
+            await context.send_initial_metadata(request_id)
+        except Exception:  # the call is over already: the caller left as it began
+            return
         clock = time.perf_counter
         waited = 0.0  # time spent waiting on the upstream
         first_chunk_at: float | None = None
@@ -363,6 +397,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         try:
             auth = self._auth
             principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
+            if isinstance(request, Undecodable):
+                raise request.error
             turn = validation.chat_request(request, self._max_message_bytes)
             await self._admit(principal, turn.user)
             if self._info:
@@ -383,7 +419,10 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 stall_limit = self._client_stall_seconds
                 loop_time = asyncio.get_running_loop().time
                 self._watchdog.watch(stall)
-                async with _relayed(self._chat.chat(turn), recording) as upstream_events:
+                cut_reason = functools.partial(self._cut_reason, context, stall)
+                async with _relayed(
+                    self._chat.chat(turn), recording, cut_reason
+                ) as upstream_events:
                     next_event = upstream_events.__anext__
                     while True:
                         waiting_since = clock()
@@ -404,11 +443,17 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                             if type(event) is ResponseDone:
                                 usage = event.usage
                             await recording.observe(event)  # before the caller sees it
+                        try:
+                            response = to_chat_response(event)
+                        except UnicodeEncodeError:  # a lone surrogate escape in its JSON
+                            error = _upstream_not_unicode()
+                            await recording.upstream_failed(error)
+                            raise error from None
                         # gRPC flow control makes a write wait while the caller reads slowly
                         # (so upstream reading waits too, and nothing piles up); a caller that
                         # takes no message for `stall_limit` seconds is cut off.
                         stall.at = loop_time() + stall_limit
-                        await write(to_chat_response(event))
+                        await write(response)  # fails only once the call is over
                         stall.at = NOT_ARMED
                         events += 1
             ended = completed = True
@@ -425,7 +470,12 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             ended = True
             await self._fail(context, error, started)
         except Exception as exc:
-            if not context.cancelled():
+            if stall.at != NOT_ARMED:
+                # A write failed: the caller left (cancel, deadline, disconnect) while it was
+                # in flight, which gRPC may report before it cancels this handler. There is
+                # no one to tell.
+                stall.at = NOT_ARMED
+            elif not context.cancelled():
                 ended = True
                 await self._fail(context, _internal(exc), started)
             # else a write failed because the caller left: there is no one to tell
@@ -461,7 +511,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 next_page_token=page.next_page_token,
             )
 
-        return await self._unary(context, "ListConversations", work)
+        return await self._unary(context, "ListConversations", request, work)
 
     async def _owned(self, principal: Principal, user: str, conversation_id: str) -> Any:
         user, conversation_id = validation.user_and_conversation(user, conversation_id)
@@ -478,7 +528,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             conversation = await self._owned(principal, request.user, request.conversation_id)
             return pb.GetConversationResponse(conversation=to_conversation(conversation))
 
-        return await self._unary(context, "GetConversation", work)
+        return await self._unary(context, "GetConversation", request, work)
 
     async def DeleteConversation(  # noqa: N802 - the name is the RPC's
         self, request: pb.DeleteConversationRequest, context: Context
@@ -492,7 +542,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 raise conversation_not_found(conversation_id)
             return pb.DeleteConversationResponse()
 
-        return await self._unary(context, "DeleteConversation", work)
+        return await self._unary(context, "DeleteConversation", request, work)
 
     async def ExportConversation(  # noqa: N802 - the name is the RPC's
         self, request: pb.ExportConversationRequest, context: Context
@@ -512,7 +562,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
                 content=export.to_json(conversation),
             )
 
-        return await self._unary(context, "ExportConversation", work)
+        return await self._unary(context, "ExportConversation", request, work)
 
     async def RevokeSessions(  # noqa: N802 - the name is the RPC's
         self, request: pb.RevokeSessionsRequest, context: Context
@@ -523,4 +573,4 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
             revoked, closed = await self._revoker.revoke(user)
             return pb.RevokeSessionsResponse(revoked_sessions=revoked, closed_sockets=closed)
 
-        return await self._unary(context, "RevokeSessions", work)
+        return await self._unary(context, "RevokeSessions", request, work)

@@ -9,29 +9,52 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import NamedTuple
+import unicodedata
+from typing import Any, NamedTuple
 
 from google.protobuf import struct_pb2
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.errors import FieldViolation, invalid_argument
+from healthagent_service.history.models import CONVERSATION_ID
 from healthagent_service.upstream.events import ChatTurn, ToolOutput
 
 MAX_ID_CHARS = 256
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_STATE_VARIABLES = 64
+MAX_STATE_VARIABLE_VALUE_BYTES = 4 * 1024
+# keys and encoded values together: each distinct set is a pooled session of its own
+MAX_STATE_VARIABLES_BYTES = 16 * 1024
+# deeper JSON is refused: Python's parser and encoder recurse, and upstreams refuse it too
+MAX_JSON_DEPTH = 64
 # Lifetimes the upstreams accept: ChatKit sessions 1..600 s, Realtime secrets 10..7200 s.
 TTL_RANGES = {pb.SESSION_KIND_CHATKIT: (1, 600), pb.SESSION_KIND_REALTIME: (10, 7200)}
 _SESSION_KINDS = frozenset(
     {pb.SESSION_KIND_UNSPECIFIED, pb.SESSION_KIND_CHATKIT, pb.SESSION_KIND_REALTIME}
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Unicode categories an id must not contain: controls, format characters (bidi overrides,
+# zero-width joiners and spaces), surrogates, private use, unassigned, line and paragraph
+# separators. Ids name users and key their limits: invisible characters would make look-alikes.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def _reject_non_json_constant(name: str) -> None:
     # Python's json accepts NaN and Infinity; JSON does not, and upstreams would refuse them.
     raise ValueError(f"{name} is not JSON")
+
+
+def is_printable(value: str) -> bool:
+    """True when `value` has visible text, no control, format (bidi, zero-width) or separator
+    characters, and no space other than U+0020, nor one at either end."""
+    if value.isascii():  # the usual case, without a look at each character
+        return not _CONTROL.search(value) and bool(value) and value == value.strip()
+    if value != value.strip() or not value.strip():
+        return False
+    category = unicodedata.category
+    return not any(
+        category(c) in _HIDDEN_CATEGORIES or (c != " " and category(c) == "Zs") for c in value
+    )
 
 
 def _check_id(name: str, value: str, violations: list[FieldViolation], *, required: bool) -> None:
@@ -41,8 +64,45 @@ def _check_id(name: str, value: str, violations: list[FieldViolation], *, requir
         return
     if len(value) > MAX_ID_CHARS:
         violations.append(FieldViolation(name, f"must be at most {MAX_ID_CHARS} characters"))
-    elif _CONTROL.search(value) or not value.strip():
-        violations.append(FieldViolation(name, "must be printable text"))
+    elif not is_printable(value):
+        violations.append(
+            FieldViolation(
+                name,
+                "must be printable text: no control, invisible or separator characters, and no "
+                "space at either end",
+            )
+        )
+
+
+def json_too_deep(value: Any) -> bool:
+    """True when a parsed JSON value nests deeper than `MAX_JSON_DEPTH` (walked without
+    recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def json_problem(text: str) -> str | None:
+    """Why `text` is not JSON the service accepts, or None."""
+    try:
+        value = json.loads(text, parse_constant=_reject_non_json_constant)
+    except RecursionError:
+        return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError:
+        return "must be valid JSON"
+    if json_too_deep(value):
+        return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
+    return None
 
 
 def _state_variable(
@@ -52,7 +112,18 @@ def _state_variable(
     kind = value.WhichOneof("kind")
     field = f"state_variables[{name!r}]"
     if kind == "string_value":
-        return json.dumps(value.string_value)
+        text = value.string_value
+        if "\x00" in text:
+            violations.append(FieldViolation(field, "must not contain NUL characters"))
+            return None
+        if len(text.encode()) > MAX_STATE_VARIABLE_VALUE_BYTES:
+            violations.append(
+                FieldViolation(
+                    field, f"must be at most {MAX_STATE_VARIABLE_VALUE_BYTES} bytes of UTF-8"
+                )
+            )
+            return None
+        return json.dumps(text)
     if kind == "bool_value":
         return json.dumps(value.bool_value)
     if kind == "number_value":
@@ -95,7 +166,7 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
                     "version", "must name a workflow version; leave it unset for the current one"
                 )
             )
-        elif len(version) > 64 or _CONTROL.search(version):
+        elif len(version) > 64 or not is_printable(version):
             violations.append(FieldViolation("version", "must be at most 64 printable characters"))
     variables: list[tuple[str, str]] = []
     state_variables = request.state_variables
@@ -104,8 +175,9 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
             FieldViolation("state_variables", f"must have at most {MAX_STATE_VARIABLES} entries")
         )
     elif state_variables:  # usually empty: nothing to sort
+        size = 0
         for name in sorted(state_variables):
-            if not name or len(name) > 64 or _CONTROL.search(name):
+            if not name or len(name) > 64 or not is_printable(name):
                 violations.append(
                     FieldViolation(
                         "state_variables", f"key {name!r} must be 1..64 printable characters"
@@ -115,6 +187,15 @@ def mint_request(request: pb.MintSessionRequest) -> MintRequest:
             encoded = _state_variable(name, state_variables[name], violations)
             if encoded is not None:
                 variables.append((name, encoded))
+                size += len(name.encode()) + len(encoded.encode())
+        if size > MAX_STATE_VARIABLES_BYTES:
+            violations.append(
+                FieldViolation(
+                    "state_variables",
+                    f"must be at most {MAX_STATE_VARIABLES_BYTES} bytes in all (keys and JSON "
+                    "values)",
+                )
+            )
     kind = (
         pb.SESSION_KIND_CHATKIT if requested_kind == pb.SESSION_KIND_UNSPECIFIED else requested_kind
     )
@@ -144,7 +225,7 @@ def chat_request(request: pb.ChatRequest, max_message_bytes: int = MAX_MESSAGE_B
     conversation_id: str | None = None
     if request.HasField("conversation_id"):
         conversation_id = request.conversation_id
-        if not _CONVERSATION_ID.match(conversation_id):
+        if not CONVERSATION_ID.fullmatch(conversation_id):
             violations.append(
                 FieldViolation(
                     "conversation_id", "must be 1..128 characters of letters, digits and _.:-"
@@ -163,10 +244,11 @@ def chat_request(request: pb.ChatRequest, max_message_bytes: int = MAX_MESSAGE_B
             violations.append(
                 FieldViolation("message", f"must be at most {max_message_bytes} bytes of UTF-8")
             )
+        elif "\x00" in message:  # PostgreSQL text cannot hold it: refused on every backend
+            violations.append(FieldViolation("message", "must not contain NUL characters"))
     else:
         output = request.tool_output
-        if not output.call_id:
-            violations.append(FieldViolation("tool_output.call_id", "is required"))
+        _check_id("tool_output.call_id", output.call_id, violations, required=True)
         if len(output.output_json.encode()) > max_message_bytes:
             violations.append(
                 FieldViolation(
@@ -174,10 +256,9 @@ def chat_request(request: pb.ChatRequest, max_message_bytes: int = MAX_MESSAGE_B
                 )
             )
         else:
-            try:
-                json.loads(output.output_json, parse_constant=_reject_non_json_constant)
-            except ValueError:
-                violations.append(FieldViolation("tool_output.output_json", "must be valid JSON"))
+            problem = json_problem(output.output_json)
+            if problem is not None:
+                violations.append(FieldViolation("tool_output.output_json", problem))
         if conversation_id is None:
             violations.append(
                 FieldViolation("conversation_id", "is required to answer a tool call")
@@ -207,7 +288,7 @@ def user_and_conversation(user: str, conversation_id: str) -> tuple[str, str]:
     """Validate a request that names the end user and one of their conversations."""
     violations: list[FieldViolation] = []
     _check_id("user", user, violations, required=True)
-    if not _CONVERSATION_ID.match(conversation_id):
+    if not CONVERSATION_ID.fullmatch(conversation_id):
         violations.append(
             FieldViolation(
                 "conversation_id", "is required: 1..128 characters of letters, digits and _.:-"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import asyncpg
+
 from healthagent_service.config import Settings
 from healthagent_service.history.postgres_store import PostgresStore
 from healthagent_service.history.sqlite_store import SQLiteStore
@@ -10,6 +14,18 @@ from healthagent_service.history.store import ConversationStore
 SQLITE_FILE = "healthagent.db"
 # how soon a worker stops handing out a session another worker revoked (SQLite has no NOTIFY)
 REVOCATION_POLL_SECONDS = 0.25
+
+
+# What opening a store raises when the database cannot be reached, refuses the connection, or
+# its file cannot be opened or written: what an operator fixes in the settings or around them.
+# (A corrupt SQLite file is a crash, not this.)
+OPEN_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    sqlite3.OperationalError,
+)
 
 
 def store_from_settings(settings: Settings) -> ConversationStore:

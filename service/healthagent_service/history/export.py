@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from healthagent_service.history.models import Conversation, Role, Status
@@ -38,12 +39,17 @@ def to_json(conversation: Conversation) -> str:
 
 
 def to_markdown(conversation: Conversation) -> str:
-    """A transcript people can read; incomplete and failed answers are marked."""
-    title = conversation.title or "Conversation"
+    """A transcript people can read; incomplete and failed answers are marked.
+
+    Every text that came from a user or an upstream (messages, which the user can steer the
+    assistant to repeat, tool results and calls, ids, the title) is rendered so that it cannot
+    pass for the transcript's own structure: whole texts in fenced blocks that nothing inside
+    can close, short ones on one line with Markdown's punctuation escaped."""
+    title = _inline(conversation.title) if conversation.title else "Conversation"
     lines = [
         f"# {title}",
         "",
-        f"- Conversation: `{conversation.id}`",
+        f"- Conversation: {_inline(conversation.id)}",
         f"- Started: {conversation.created_at.isoformat()}",
         f"- Updated: {conversation.updated_at.isoformat()}",
         "",
@@ -52,20 +58,43 @@ def to_markdown(conversation: Conversation) -> str:
         heading = _ROLE_TITLES[message.role]
         if message.status is not Status.COMPLETE:
             heading += f" ({message.status.value}"
-            heading += f": {message.error_reason})" if message.error_reason else ")"
+            heading += f": {_inline(message.error_reason)})" if message.error_reason else ")"
         lines += [f"## {heading}", f"_{message.created_at.isoformat()}_", ""]
         if message.role is Role.TOOL:
-            lines += [f"Answer to `{message.tool_call_id}`:", "", "```json", message.text, "```"]
+            lines += [
+                f"Answer to {_inline(message.tool_call_id)}:",
+                "",
+                _fenced(message.text, "json"),
+            ]
+        elif message.text:
+            lines.append(_fenced(message.text, "text"))
         else:
-            lines.append(message.text or "_(no text)_")
+            lines.append("_(no text)_")
         for call in message.tool_calls:
+            name, call_id = _inline(str(call.get("name"))), _inline(str(call.get("call_id")))
             lines += [
                 "",
-                f"Tool call `{call.get('name')}` (`{call.get('call_id')}`):",
+                f"Tool call {name} ({call_id}):",
                 "",
-                "```json",
-                str(call.get("arguments")),
-                "```",
+                _fenced(str(call.get("arguments")), "json"),
             ]
         lines.append("")
     return "\n".join(lines)
+
+
+# CommonMark lets any ASCII punctuation be escaped with a backslash, and then it is text
+_PUNCTUATION = re.compile(r"""([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])""")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
+
+
+def _inline(text: str) -> str:
+    """`text` on one line, every Markdown punctuation character escaped."""
+    return _PUNCTUATION.sub(r"\\\1", _LINE_BREAKS.sub(" ", text)).strip()
+
+
+def _fenced(text: str, info: str) -> str:
+    """`text` in a fenced code block whose fence is longer than any run of backticks in it:
+    only a line of at least as many backticks closes a fence, so nothing in it can."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{text}\n{fence}"

@@ -8,10 +8,12 @@ lock, and revocations are announced to every replica with LISTEN/NOTIFY.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import structlog
@@ -31,6 +33,7 @@ from healthagent_service.history.store import (
     check_page_size,
     decode_page_token,
     encode_page_token,
+    history_unavailable,
     new_message_id,
     now,
 )
@@ -41,8 +44,37 @@ REVOCATION_CHANNEL = "healthagent_revocations"
 LISTENER_APPLICATION_NAME = "healthagent-revocation-listener"
 _LISTEN_CHECK_SECONDS = 2.0
 _LISTEN_CHECK_MARGIN = timedelta(seconds=10)
+# A database that takes longer than this for one of these small statements is as good as down.
+_COMMAND_TIMEOUT_SECONDS = 10.0
+_CONNECT_TIMEOUT_SECONDS = 5.0
+# What a lost or refused connection raises: the caller is told UNAVAILABLE, not INTERNAL.
+_OUTAGES = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08, and a connection that is gone
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shut down, terminated
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
+    asyncpg.InterfaceError,  # "connection is closed"
+)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _unavailable_on_outage(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _OUTAGES as exc:
+            raise history_unavailable(exc) from None
+
+    return call
+
+
 _MIGRATION_LOCK = 0x4845414C  # "HEAL": serializes replicas migrating at the same time
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: `$` allows a final newline
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -105,7 +137,7 @@ class PostgresStore(ConversationStore):
     """`ConversationStore` on PostgreSQL, in its own schema."""
 
     def __init__(self, dsn: str, schema: str = "healthagent", pool_size: int = 10) -> None:
-        if not _SCHEMA_NAME.match(schema):
+        if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema name {schema!r} must match {_SCHEMA_NAME.pattern}")
         self._dsn = dsn
         self._schema = schema
@@ -122,7 +154,7 @@ class PostgresStore(ConversationStore):
         return self._pool
 
     async def open(self) -> None:
-        setup = await asyncpg.connect(self._dsn)
+        setup = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_SECONDS)
         try:
             async with setup.transaction():
                 await setup.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -135,7 +167,13 @@ class PostgresStore(ConversationStore):
             self._dsn,
             min_size=1,
             max_size=self._pool_size,
-            server_settings={"search_path": self._schema, "application_name": "healthagent"},
+            timeout=_CONNECT_TIMEOUT_SECONDS,
+            command_timeout=_COMMAND_TIMEOUT_SECONDS,
+            # the schema in the name: an operator (or a test) can tell whose connections these are
+            server_settings={
+                "search_path": self._schema,
+                "application_name": f"healthagent/{self._schema}",
+            },
         )
 
     async def close(self) -> None:
@@ -148,15 +186,22 @@ class PostgresStore(ConversationStore):
             await self._pool.close()
             self._pool = None
 
+    @_unavailable_on_outage
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    @_unavailable_on_outage
     async def schema_version(self) -> int:
         return int(await self.pool.fetchval("SELECT max(version) FROM schema_migrations"))
 
+    @_unavailable_on_outage
     async def has_conversation(self, user: str, conversation_id: str) -> bool:
         found = await self.pool.fetchval(
             "SELECT 1 FROM conversations WHERE user_id = $1 AND id = $2", user, conversation_id
         )
         return found is not None
 
+    @_unavailable_on_outage
     async def begin_turn(self, turn: NewTurn) -> str:
         assistant_id = new_message_id()
         stamp = now()
@@ -219,6 +264,7 @@ class PostgresStore(ConversationStore):
             )
         return assistant_id
 
+    @_unavailable_on_outage
     async def finish_turn(
         self, user: str, conversation_id: str, message_id: str, outcome: TurnOutcome
     ) -> None:
@@ -246,6 +292,7 @@ class PostgresStore(ConversationStore):
                 conversation_id,
             )
 
+    @_unavailable_on_outage
     async def get_conversation(self, user: str, conversation_id: str) -> Conversation | None:
         async with self.pool.acquire() as db:
             row = await db.fetchrow(
@@ -265,6 +312,7 @@ class PostgresStore(ConversationStore):
             )
         return _conversation(row, [_message(m) for m in rows])
 
+    @_unavailable_on_outage
     async def list_conversations(
         self, user: str, page_size: int, page_token: str
     ) -> ConversationPage:
@@ -287,12 +335,14 @@ class PostgresStore(ConversationStore):
             token = encode_page_token(user, last.updated_at, last.id)
         return ConversationPage(conversations, token)
 
+    @_unavailable_on_outage
     async def delete_conversation(self, user: str, conversation_id: str) -> bool:
         result = await self.pool.execute(
             "DELETE FROM conversations WHERE id = $1 AND user_id = $2", conversation_id, user
         )
         return str(result) != "DELETE 0"
 
+    @_unavailable_on_outage
     async def record_session(
         self, session_id: str, user: str, kind: str, expires_at: datetime
     ) -> None:
@@ -306,6 +356,7 @@ class PostgresStore(ConversationStore):
             now(),
         )
 
+    @_unavailable_on_outage
     async def revoke_sessions(self, user: str) -> list[tuple[str, str]]:
         stamp = now()
         rows = await self.pool.fetch(
@@ -316,6 +367,7 @@ class PostgresStore(ConversationStore):
         )
         return [(str(r["id"]), str(r["kind"])) for r in rows if r["expires_at"] > stamp]
 
+    @_unavailable_on_outage
     async def is_revoked(self, session_id: str) -> bool:
         revoked = await self.pool.fetchval(
             "SELECT revoked_at IS NOT NULL FROM upstream_sessions WHERE id = $1", session_id
@@ -365,6 +417,7 @@ class PostgresStore(ConversationStore):
             for row in users:
                 await listener(str(row["user_id"]))
 
+    @_unavailable_on_outage
     async def announce_revocation(self, user: str) -> None:
         await self.pool.execute("SELECT pg_notify($1, $2)", REVOCATION_CHANNEL, user)
 

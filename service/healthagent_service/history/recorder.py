@@ -11,6 +11,7 @@ costs every chunk a resumption each way (docs/benchmarks.md, "Per chunk and per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from typing import Any
@@ -19,7 +20,7 @@ import structlog
 
 from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
-from healthagent_service.history.store import ConversationStore
+from healthagent_service.history.store import ConversationStore, storable
 from healthagent_service.upstream.events import (
     ChatEvent,
     ChatTurn,
@@ -54,15 +55,19 @@ class _Transcript:
         error_reason: str = "",
         usage: dict[str, int] | None = None,
     ) -> TurnOutcome:
-        """How the turn ended; `text` defaults to what arrived so far."""
+        """How the turn ended; `text` defaults to what arrived so far. Upstream text is made
+        `storable`, so that both backends keep the same."""
         return TurnOutcome(
             status,
-            self.partial_text() if text is None else text,
-            self.tool_calls,
+            storable(self.partial_text() if text is None else text),
+            [
+                {key: storable(str(value)) for key, value in call.items()}
+                for call in self.tool_calls
+            ],
             usage,
             error_reason,
-            self.upstream_id,
-            self.title,
+            storable(self.upstream_id),
+            storable(self.title),
         )
 
     def partial_text(self) -> str:
@@ -122,8 +127,13 @@ class TurnRecorder:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("could not record the end of a turn", error=str(task.exception()))
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, HealthAgentError):  # the store is down: the answer stands
+            log.warning("could not record the end of a turn", reason=error.reason)
+        elif error is not None:
+            log.error("could not record the end of a turn", error=repr(error))
 
     async def drain(self) -> None:
         """Wait for turn records still being written (at shutdown)."""
@@ -212,17 +222,21 @@ class TurnRecording:
             # Refused before it began (a 429 on a known conversation, say): still recorded.
             self._message_id = await self._begin_quietly()
 
-    async def finish(self) -> None:
-        """Write down how the turn ended: as observed, or cancelled (the caller left)."""
+    async def finish(self, cut_reason: str = "CANCELLED") -> None:
+        """Write down how the turn ended: as observed, or cut off for `cut_reason` (the caller
+        left, its deadline passed, the server shut down, the caller stopped reading). A write
+        that fails is logged, not raised: the caller's answer does not depend on it."""
         if self._message_id is None:
             return
         outcome = self._outcome
-        if outcome is None:  # the caller left: cancelled, deadline, disconnect
-            outcome = self.transcript.outcome(Status.INCOMPLETE, error_reason="CANCELLED")
-        # Shielded: a cancelled call still gets its turn written down.
-        await asyncio.shield(
-            self._recorder._write_end(self._turn, self._conversation_id, self._message_id, outcome)
+        if outcome is None:
+            outcome = self.transcript.outcome(Status.INCOMPLETE, error_reason=cut_reason)
+        write = self._recorder._write_end(
+            self._turn, self._conversation_id, self._message_id, outcome
         )
+        # Shielded: a cancelled call still gets its turn written down.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(write)
 
     def _begin(self) -> Awaitable[str]:
         """Write the caller's message and an `incomplete` answer; the answer's message id."""

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import (
     Conversation,
     ConversationPage,
@@ -54,6 +56,7 @@ from healthagent_service.history.store import (
     check_page_size,
     decode_page_token,
     encode_page_token,
+    history_unavailable,
     new_message_id,
     now,
 )
@@ -65,6 +68,19 @@ _OPEN_TIMEOUT_SECONDS = 30.0  # as long as a write waits for the file's lock
 # 1,000 pages, and a turn writes about 8)
 CHECKPOINT_EVERY_COMMITS = 100
 
+# What a full disk, a file another process holds or cannot be written raise: UNAVAILABLE for
+# the caller, like a lost database connection, not INTERNAL.
+_OUTAGE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_NOMEM,
+    }
+)
 T = TypeVar("T")
 _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
@@ -157,12 +173,21 @@ class SQLiteStore(ConversationStore):
             assert self._db is not None, "store is not open"
             return work(self._db)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.Error as exc:
+            raise _outage_or(exc) from None
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, small: bool = False) -> T:
         """Run `work` in a transaction and return its result once that is committed. `small`:
         `work` writes a few rows by key, so it may run on the loop (the largest, a turn's end,
         holds the answer's text: 100 KB of it is about 25 pages, a fifth of a millisecond)."""
+        try:
+            return await self._write_through(work, small=small)
+        except sqlite3.Error as exc:
+            raise _outage_or(exc) from None
+
+    async def _write_through(self, work: Callable[[sqlite3.Connection], T], *, small: bool) -> T:
         if small and self._loop_db is not None:
             with contextlib.suppress(_WriteLockTakenError):  # then the worker waits for the lock
                 return self._commit_on_loop(self._loop_db, work)
@@ -279,7 +304,7 @@ class SQLiteStore(ConversationStore):
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            _private_file(self._path)
             db = sqlite3.connect(
                 self._path,
                 isolation_level=None,
@@ -300,6 +325,10 @@ class SQLiteStore(ConversationStore):
         loop_db.execute("PRAGMA foreign_keys=ON")
         loop_db.execute("PRAGMA wal_autocheckpoint=0")
         self._loop_db = loop_db
+        # SQLite gives the WAL and shared-memory files the database's mode, less the umask
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self._path}{suffix}", 0o600)
 
     async def close(self) -> None:
         if self._revocation_poller is not None:
@@ -538,7 +567,7 @@ class SQLiteStore(ConversationStore):
             await asyncio.sleep(self._revocation_poll_seconds)
             try:
                 revoked = await self._run(functools.partial(_revocations_after, since=since))
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, HealthAgentError) as exc:  # busy, or the disk: next time
                 log.warning("revocation poll failed", error=type(exc).__name__)
                 continue
             for user, stamp in revoked:
@@ -556,6 +585,13 @@ class SQLiteStore(ConversationStore):
             return row is not None and row[0] is not None
 
         return await self._run(query)
+
+
+def _outage_or(exc: sqlite3.Error) -> Exception:
+    """`history_unavailable` for a full disk, an unwritable or busy file; else `exc`."""
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _OUTAGE_CODES:
+        return history_unavailable(exc)
+    return exc
 
 
 class _WriteLockTakenError(Exception):
@@ -578,6 +614,26 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
             done.set_result(value)
         else:
             done.set_exception(value)
+
+
+def _private_file(path: Path) -> None:
+    """Create the data directory (0700) and the database file (0600) readable by this user
+    only, whatever the umask: the history holds health conversations. A directory that
+    already exists keeps its mode (an operator may have set it); the database is made 0600."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another worker made it meanwhile
+            directory.mkdir(mode=0o700)
+            os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
 
 
 def _enable_wal(db: sqlite3.Connection) -> None:

@@ -10,8 +10,9 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from healthagent_service.errors import FieldViolation, invalid_argument
+from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError, invalid_argument
 from healthagent_service.history.models import (
+    CONVERSATION_ID,
     Conversation,
     ConversationPage,
     NewTurn,
@@ -21,6 +22,10 @@ from healthagent_service.ids import UniqueIds
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# ours are about 200 characters (a user id of 256 four-byte characters: under 2,000)
+MAX_PAGE_TOKEN_CHARS = 2048
+# what a token may name: both backends store and compare times in this range
+_OLDEST, _NEWEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
 RevocationListener = Callable[[str], Coroutine[Any, Any, None]]
 
 
@@ -30,6 +35,26 @@ def now() -> datetime:
 
 # "hamsg_" and 24 hex digits: unique across processes and replicas sharing a database
 new_message_id = UniqueIds("hamsg_", counter_digits=8)
+
+
+def storable(text: str) -> str:
+    """`text` as both backends store it alike: a NUL (which PostgreSQL text cannot hold) and
+    a lone surrogate (not Unicode, which neither can encode) become U+FFFD. For what the
+    upstream says; what callers send with either is refused."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def _bad_page_token() -> HealthAgentError:
+    return invalid_argument(
+        [FieldViolation("page_token", "is not a token from a previous ListConversations call")]
+    )
 
 
 def encode_page_token(user: str, updated_at: datetime, conversation_id: str) -> str:
@@ -42,15 +67,40 @@ def decode_page_token(user: str, token: str) -> tuple[datetime, str] | None:
     """(updated_at, id) from a token; INVALID_ARGUMENT if it is not one of ours for `user`."""
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise _bad_page_token()
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if raw["u"] != user:
             raise ValueError("token of another user")
-        return datetime.fromisoformat(raw["t"]), str(raw["i"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise invalid_argument(
-            [FieldViolation("page_token", "is not a token from a previous ListConversations call")]
-        ) from None
+        updated_at, conversation_id = datetime.fromisoformat(raw["t"]), raw["i"]
+        # Only what encode_page_token writes: an aware time the stores can hold, taken to UTC
+        # (SQLite compares the text), and a conversation id.
+        if updated_at.tzinfo is None or not _OLDEST <= updated_at <= _NEWEST:
+            raise ValueError("time out of range")
+        if not isinstance(conversation_id, str) or not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ValueError("not a conversation id")
+        return updated_at.astimezone(UTC), conversation_id
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        binascii.Error,
+        RecursionError,  # deeply nested JSON
+        OverflowError,
+    ):
+        raise _bad_page_token() from None
+
+
+def history_unavailable(exc: BaseException) -> HealthAgentError:
+    """The history store cannot be reached or written now (a lost database connection, a
+    full disk): refused, to be retried."""
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE,
+        "HISTORY_UNAVAILABLE",
+        f"the conversation history cannot be reached ({type(exc).__name__}); retry shortly",
+        retry_after_seconds=1.0,
+    )
 
 
 def check_page_size(page_size: int) -> int:
@@ -61,7 +111,8 @@ def check_page_size(page_size: int) -> int:
 
 
 class ConversationStore(ABC):
-    """Conversations, their messages, and upstream sessions. Every write is one transaction."""
+    """Conversations, their messages, and upstream sessions. Every write is one transaction.
+    A store that cannot be reached raises `history_unavailable`'s error."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -70,6 +121,9 @@ class ConversationStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+    async def ping(self) -> None:  # noqa: B027 - an embedded store has nothing to reach
+        """Raise when the store cannot be reached now (for health)."""
 
     @abstractmethod
     async def schema_version(self) -> int:

@@ -37,8 +37,9 @@ from healthagent_service.upstream.events import (
     SessionStarted,
 )
 from healthagent_service.upstream.http_clients import ShardedHttpClient
-from healthagent_service.upstream.session_pool import SessionPool
+from healthagent_service.upstream.session_pool import DEFAULT_MAX_BYTES, SessionPool
 from healthagent_service.upstream.sse import SSEProtocolError
+from healthagent_service.upstream.sse_client import BufferBudgetExceededError
 
 log = structlog.get_logger(__name__)
 
@@ -97,10 +98,13 @@ class ChatKitUpstream:
         *,
         pool_size: int,
         refresh_fraction: float,
+        pool_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._config = config
         self._http = http
-        self.pool = SessionPool(self.mint, max_size=pool_size, refresh_fraction=refresh_fraction)
+        self.pool = SessionPool(
+            self.mint, max_size=pool_size, max_bytes=pool_bytes, refresh_fraction=refresh_fraction
+        )
         self._conversation_url = config.self_hosted_url or f"{config.base_url}/chatkit/conversation"
 
     @property
@@ -313,6 +317,14 @@ class ChatKitUpstream:
                 raise self._transport_error(exc, phase="chat") from None
             except SSEProtocolError as exc:
                 raise protocol_error(str(exc), self._retry) from None
+            except BufferBudgetExceededError as exc:
+                raise HealthAgentError(
+                    ErrorKind.RESOURCE_EXHAUSTED,
+                    "UPSTREAM_BUFFER_FULL",
+                    f"the upstream sent more than the service holds at once ({exc}); this "
+                    "stream was ended so that the others go on",
+                    retry_after_seconds=self._retry,
+                ) from None
 
     def _self_hosted_headers(self, user: str) -> dict[str, str]:
         headers = {FORWARDED_USER_HEADER: user}

@@ -16,7 +16,7 @@ import httpcore
 import httpx
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
-from healthagent_service.upstream.sse_client import SSEClient
+from healthagent_service.upstream.sse_client import DEFAULT_MAX_BUFFERED_BYTES, SSEClient
 
 CONNECTIONS_PER_SHARD = 64
 MIN_SHARDS = 16
@@ -37,6 +37,7 @@ class ShardedHttpClient:
         timeout: httpx.Timeout,
         max_connections: int,
         shards: int | None = None,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
         count = shards or shards_for(max_connections)
         per_shard = max(1, -(-max_connections // count))
@@ -51,7 +52,12 @@ class ShardedHttpClient:
             httpx.AsyncClient(timeout=timeout, trust_env=False, transport=t.transport)
             for t in transports
         ]
-        self.streams = SSEClient(timeout=timeout, max_connections=max_connections, ssl_context=tls)
+        self.streams = SSEClient(
+            timeout=timeout,
+            max_connections=max_connections,
+            ssl_context=tls,
+            max_buffered_bytes=max_buffered_bytes,
+        )
 
     def for_key(self, key: str) -> httpx.AsyncClient:
         """The client for `key`: the same one for the same key while its pool has room (warm

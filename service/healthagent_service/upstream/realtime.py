@@ -607,14 +607,20 @@ class RealtimeUpstream:
             for attempt in (1, 2):
                 if conversation.revoked:
                     raise _session_revoked()
-                socket = await self._socket_for(conversation)
                 result = _TurnResult()
                 try:
+                    socket = await self._socket_for(conversation)
                     async for event in self._run_turn(
                         conversation, socket, new_items, turn, result
                     ):
                         yield event
                     return
+                except HealthAgentError:
+                    # Logout closes the socket under the turn: what that looks like (a close
+                    # mid-answer, UNAVAILABLE and retryable) is not what happened.
+                    if conversation.revoked:
+                        raise _session_revoked() from None
+                    raise
                 except _RetryableBeforeOutput as retry:
                     if conversation.revoked:
                         raise _session_revoked() from None  # logged out: no reconnect

@@ -3,7 +3,9 @@
 - A session is reused until `refresh_fraction` of its lifetime has passed, then re-minted.
 - Concurrent requests for the same options mint once (single flight); a caller that gives up
   waiting does not cancel the mint the others are waiting for.
-- At most `max_size` sessions are kept; the least recently used one is dropped first.
+- At most `max_size` sessions, and at most `max_bytes` of them (their options, state variables
+  included, and secrets: each distinct set of options is a session of its own), are kept; the
+  least recently used one is dropped first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ from healthagent_service.upstream.events import MintedSession, SessionOptions
 
 Mint = Callable[[SessionOptions], Awaitable[MintedSession]]
 OnMinted = Callable[[SessionOptions, MintedSession], Awaitable[None]]
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# what a pooled entry costs besides its strings: the tuple, the dataclass, the dict slot
+_ENTRY_OVERHEAD_BYTES = 600
+
+
+def entry_bytes(options: SessionOptions, session: MintedSession) -> int:
+    """About what keeping `session` for `options` holds in memory, in bytes."""
+    size = _ENTRY_OVERHEAD_BYTES + len(options.user) + len(options.workflow_id)
+    size += len(options.version or "")
+    for name, value in options.state_variables:
+        size += len(name) + len(value) + 120  # two strings and their pair
+    return size + len(session.id) + len(session.client_secret) + len(session.workflow_id)
 
 
 @dataclass(slots=True)
@@ -39,6 +53,7 @@ class SessionPool:
         mint: Mint,
         *,
         max_size: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         refresh_fraction: float = 0.8,
         clock: Callable[[], float] = time.monotonic,
         on_minted: OnMinted | None = None,
@@ -47,6 +62,8 @@ class SessionPool:
         # Called after every mint, before the session is handed out (e.g. to record it).
         self.on_minted = on_minted
         self._max_size = max_size
+        self._max_bytes = max_bytes
+        self.bytes = 0  # what the pooled entries hold, by `entry_bytes`
         self._refresh_fraction = refresh_fraction
         self._clock = clock
         self._sessions: OrderedDict[SessionOptions, MintedSession] = OrderedDict()
@@ -77,7 +94,7 @@ class SessionPool:
         session = self.pooled(options)
         if session is not None:
             return session
-        if self._sessions.pop(options, None) is not None:  # pooled, but due for a refresh
+        if self._drop(options) is not None:  # pooled, but due for a refresh
             self.stats.refreshes += 1
         self.stats.misses += 1
         for _ in range(3):
@@ -102,10 +119,13 @@ class SessionPool:
                 await self.on_minted(options, session)
             if self._revoked_at.get(options.user, float("-inf")) >= started:
                 raise _RevokedWhileMinting
+            self._drop(options)
             self._sessions[options] = session
-            self._sessions.move_to_end(options)
-            while len(self._sessions) > self._max_size:
-                self._sessions.popitem(last=False)
+            self.bytes += entry_bytes(options, session)
+            while len(self._sessions) > self._max_size or (
+                self.bytes > self._max_bytes and len(self._sessions) > 1
+            ):
+                self._drop(next(iter(self._sessions)))  # the least recently used
                 self.stats.evictions += 1
             return session
         finally:
@@ -116,9 +136,15 @@ class SessionPool:
         current = self._sessions.get(options)
         if current is None or current.id != session_id:
             return False
-        del self._sessions[options]
+        self._drop(options)
         self.stats.evictions += 1
         return True
+
+    def _drop(self, options: SessionOptions) -> MintedSession | None:
+        session = self._sessions.pop(options, None)
+        if session is not None:
+            self.bytes -= entry_bytes(options, session)
+        return session
 
     def sessions_of(self, user: str) -> list[tuple[SessionOptions, MintedSession]]:
         """Every pooled session minted for `user`."""
@@ -129,7 +155,7 @@ class SessionPool:
         self._revoked_at[user] = self._clock()
         dropped = self.sessions_of(user)
         for options, _ in dropped:
-            del self._sessions[options]
+            self._drop(options)
             self.stats.evictions += 1
         return [session for _, session in dropped]
 
@@ -138,6 +164,7 @@ class SessionPool:
         for task in list(self._inflight.values()):
             task.cancel()
         self._sessions.clear()
+        self.bytes = 0
 
 
 def _retrieve_exception(task: asyncio.Task[MintedSession]) -> None:

@@ -32,6 +32,11 @@ class SSEDecoder:
         self._max_event_bytes = max_event_bytes
 
     @property
+    def buffered(self) -> int:
+        """Bytes held for events not complete yet."""
+        return len(self._pending) + self._data_size
+
+    @property
     def has_partial_event(self) -> bool:
         """True when bytes of an event that has not ended are buffered."""
         return bool(self._pending.strip(b"\r\n")) or bool(self._data)

@@ -38,9 +38,19 @@ from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 _HIGH_WATER = 256 * 1024  # queued event bytes above which the socket stops being read
 _LOW_WATER = 64 * 1024
 _MAX_BODY_BYTES = 64 * 1024  # of a response that is not an event stream (an error's body)
+# What a stream may hold for upstream events without counting against the budget shared by all
+# streams: far above what a turn's events take (a few hundred bytes each), so only a stream fed
+# large events counts. A bad upstream could otherwise make every stream hold an 8 MiB event.
+FREE_BUFFER_BYTES = 64 * 1024
+DEFAULT_MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 # Below the 5 s keep-alive timeout of common servers (uvicorn, nginx's default is 75 s), so
 # this side closes an idle connection before the peer can close it under a new request.
 KEEPALIVE_EXPIRY_SECONDS = 4.0
+
+
+class BufferBudgetExceededError(Exception):
+    """The streams together hold more upstream event bytes than allowed: this one, which was
+    growing, is ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +106,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._watchdog = client.watchdog
         self._deadline = Deadline(self._timed_out)  # watched while a request is in flight
         self._max_event_bytes = client.max_event_bytes
+        self._held = 0  # bytes over FREE_BUFFER_BYTES counted in the client's `buffered`
         self._begin_response()
 
     def _begin_response(self) -> None:
@@ -138,6 +149,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._error is not None:
             self._fail(self._error)
             return
+        held = self._queued + self.decoder.buffered
+        if held > FREE_BUFFER_BYTES or self._held:
+            self._account(held)
+            if self._error is not None:
+                return
         if self._queued > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -166,6 +182,25 @@ class _Connection(asyncio.BufferedProtocol):
             self._error = httpx.ReadError(str(exc) if exc else "connection lost")
         self.closed = True
         self._wake()
+
+    def _account(self, held: int) -> None:
+        """Count what this stream holds over its free allowance against the shared budget,
+        and end it if it grew the total past the budget."""
+        charged = max(0, held - FREE_BUFFER_BYTES)
+        client = self._client
+        grew = charged > self._held
+        client.buffered += charged - self._held
+        self._held = charged
+        if grew and client.buffered > client.max_buffered_bytes:
+            # let go of it now, not when the handler has unwound: the streams that grow
+            # meanwhile must not be ended for bytes on their way out
+            client.buffered -= charged
+            self._held = 0
+            self._fail(
+                BufferBudgetExceededError(
+                    f"upstream events held by all streams passed {client.max_buffered_bytes} bytes"
+                )
+            )
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
@@ -248,6 +283,8 @@ class _Connection(asyncio.BufferedProtocol):
         events = self._events
         self._events = []
         self._queued = 0
+        if self._held:
+            self._account(self.decoder.buffered)
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
@@ -302,6 +339,9 @@ class _Connection(asyncio.BufferedProtocol):
         """The request is over: True if the connection can take another one."""
         self._in_flight = False
         self._watchdog.forget(self._deadline)
+        if self._held:  # what it held is let go with the response
+            self._client.buffered -= self._held
+            self._held = 0
         if self.reusable:
             self._waiter = None
             return True
@@ -320,6 +360,7 @@ class SSEClient:
         max_connections: int,
         ssl_context: ssl.SSLContext | None = None,
         max_event_bytes: int | None = None,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         keepalive_expiry: float = KEEPALIVE_EXPIRY_SECONDS,
     ) -> None:
         self.connect_timeout = timeout.connect
@@ -327,6 +368,9 @@ class SSEClient:
         self.read_timeout = timeout.read if timeout.read is not None else math.inf
         self.pool_timeout = timeout.pool
         self.max_event_bytes = max_event_bytes or DEFAULT_MAX_EVENT_BYTES
+        # every stream's upstream event bytes over FREE_BUFFER_BYTES, together
+        self.max_buffered_bytes = max_buffered_bytes
+        self.buffered = 0
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._ssl = ssl_context
