@@ -137,6 +137,10 @@ async def test_errors_carry_their_google_rpc_details(
         )
         assert broken.headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
         assert "exactly one uncompressed message frame" in broken.headers["grpc-message"]
+        # a frame whose message does not decode: the service's own refusal, with its field
+        corrupt = await grpc_web(client, base, "healthagent.v1.HealthAgent/Chat", b"\x0a\xff")
+        assert corrupt.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert corrupt.reason() == "INVALID_REQUEST"
 
 
 async def test_the_callers_credentials_and_request_id_are_metadata(
