@@ -419,6 +419,10 @@ async def test_a_caller_who_leaves_stops_the_agent_and_its_model_request(
         latencies.append(await _left_at(record) - cancelled_at)
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(
+        f"model request closed after a cancel: p50 {latencies[len(latencies) // 2] * 1000:.1f} "
+        f"ms, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms ({cancels} cancels)"
+    )
     assert p99 < 0.1, f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
     # the runs stopped: no model request after any of them, each closed by the client
     records = list(emulator.model_requests)[-cancels:]
