@@ -249,9 +249,9 @@ class GrpcWebBridge:
         try:
             if method.server_streaming:
                 async for message in call:
-                    await reply.message(message, await call.initial_metadata())
+                    await reply.message(message, call)
             else:
-                await reply.message(await call, await call.initial_metadata())
+                await reply.message(await call, call)
             await reply.finish(grpc.StatusCode.OK, "", tuple(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as error:
             await reply.finish(
@@ -326,8 +326,9 @@ class _Reply:
             data = base64.b64encode(data)
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
-    async def message(self, message: bytes, initial: Any) -> None:
-        if not self._started:
+    async def message(self, message: bytes, call: Any) -> None:
+        if not self._started:  # the call's initial metadata, asked once: headers go once
+            initial = await call.initial_metadata()
             await self._start([(k.lower(), _header_value(v)) for k, v in initial or ()])
         await self._body(frame(message), more=True)
 

@@ -146,7 +146,10 @@ class HttpListener:
 
 def _listening_socket(host: str, port: int, *, share: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets whose
+    # protocol says TCP; with Nagle on, a chunk written while the last one is unacknowledged
+    # waits for the client's delayed ACK (up to 40 ms: docs/benchmarks.md, "The gateway hop")
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if share:  # `serve --workers`: the workers share the port, as they share the gRPC one
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
