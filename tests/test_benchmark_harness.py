@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from bench.agent_path import PATHS
+from bench.gateway import KINDS as GATEWAY_KINDS
 from bench.performance import TARGETS, start_targets
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
@@ -272,3 +273,75 @@ def test_agent_path_reports_every_figure(tmp_path: Path) -> None:
     assert paths["agent"]["rss_peak_mib"]["agent"] >= paths["agent"]["rss_idle_mib"]["agent"] > 0
     assert paths["agent"]["agent_cpu_us_per_chunk"] > 0
     assert "| path | turns | chunks |" in finished.stdout
+
+
+@pytest.mark.slow
+def test_gateway_reports_every_figure(tmp_path: Path) -> None:
+    """`bench.gateway` at a tiny size: direct gRPC, gRPC-Web and the seeds' SSE through one
+    `serve --http`, in rotated rounds, every turn OK, every figure present."""
+    streams, chunks, rounds = 3, 5, 2
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gateway",
+            "--streams",
+            str(streams),
+            "--chunks",
+            str(chunks),
+            "--pace-ms",
+            "20",
+            "--seconds",
+            "1",
+            "--rounds",
+            str(rounds),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    report = json.loads((tmp_path / "gateway.json").read_text())
+    assert report["command"].startswith("python -m bench.gateway")
+    assert (report["streams"], report["chunks_per_turn"], report["rounds"]) == (3, 5, 2)
+    # rotated: each round starts with the next kind
+    assert report["order"] == [list(GATEWAY_KINDS), [*GATEWAY_KINDS[1:], GATEWAY_KINDS[0]]]
+    kinds = {r["kind"]: r for r in report["kinds"]}
+    assert list(kinds) == list(GATEWAY_KINDS)
+    for name, result in kinds.items():
+        paced = result["paced"]
+        assert paced["errors"] == {} and result["warm_errors"] == {}, (name, result)
+        assert paced["turns"] >= streams and paced["chunks"] == chunks * paced["turns"]
+        assert paced["rounds"] == rounds == len(result["rounds_chunk_latency"])
+        for figure in ("first_chunk_latency", "chunk_latency", "time_to_first_chunk"):
+            values = paced[figure]
+            assert values["n"] > 0 and not math.isnan(values["p50_ms"]), (name, figure)
+            # a chunk cannot arrive before the emulator sent it: one clock on the machine
+            assert 0 <= values["p50_ms"] <= values["p99_ms"] <= values["max_ms"], (name, figure)
+        assert paced["server_cpu_us_per_chunk"] > 0 and paced["client_cpu_us_per_chunk"] > 0
+        assert 0 <= result["load_cores"]["neighbours_busy"] <= result["load_cores"]["machine_busy"]
+        # serve's CPU a chunk over the direct path's, one ratio a round (a round may have
+        # taken no CPU tick at this size), and the target reads their median
+        ratios = result["rounds_cpu_ratio"]
+        assert len(ratios) <= rounds and all(r > 0 for r in ratios)
+        if ratios:
+            assert result["cpu_ratio"] == round(statistics.median(ratios), 2)
+        added = result["added_chunk_latency_ms"]
+        expected = (
+            paced["chunk_latency"]["p50_ms"] - kinds["grpc"]["paced"]["chunk_latency"]["p50_ms"]
+        )
+        assert added["p50_ms"] == round(expected, 3)
+    assert kinds["grpc"]["added_chunk_latency_ms"]["p50_ms"] == 0
+    targets = report["targets"]
+    assert set(targets) == {"target", "grpc-web", "sse"}
+    for name in ("grpc-web", "sse"):
+        assert targets[name]["errors"] == 0 and set(targets[name]["met"]) == {
+            "added_p50",
+            "added_p99",
+            "cpu_ratio",
+            "errors",
+        }
+    assert "| kind | turns | chunks |" in finished.stdout
