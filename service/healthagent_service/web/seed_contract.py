@@ -17,7 +17,6 @@ Every call goes through the gRPC server over loopback, with the caller's `Author
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -243,36 +242,67 @@ class SeedContract:
         return _sse(call, events, first, self._heartbeat_seconds)
 
 
+# what the reader hands the writer besides events: the end, and a heartbeat's turn
+_END = object()
+_PING = object()
+# events read ahead of a slow HTTP client: few, so that gRPC's flow control still reaches the
+# service (and its stall limit still applies)
+_READ_AHEAD = 8
+
+
 async def _sse(
     call: Any, events: Any, first: asyncio.Future[Any], heartbeat_seconds: float
 ) -> AsyncIterator[bytes]:
-    """The SSE body: events as they come, a heartbeat comment in every silence."""
+    """The SSE body: events as they come, a heartbeat comment in every silence.
+
+    One task reads the call and one wakes every heartbeat interval, only to say so when nothing
+    was sent meanwhile: waiting on each event with a timeout cost a task per event (26-43 us;
+    docs/benchmarks.md, "The gateway hop")."""
     writer = _SeedEvents()
-    pending: asyncio.Future[Any] | None = first
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(_READ_AHEAD)
+    sent_at = loop.time()
+
+    async def read() -> None:
+        try:
+            event = await first
+            while True:
+                await queue.put(event)
+                event = await anext(events)
+        except StopAsyncIteration:
+            await queue.put(_END)
+        except grpc.aio.AioRpcError as error:
+            await queue.put(error)
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(heartbeat_seconds)
+            if loop.time() - sent_at >= heartbeat_seconds and queue.empty():
+                queue.put_nowait(_PING)
+
+    tasks = (asyncio.create_task(read()), asyncio.create_task(beat()))
     try:
-        while pending is not None:
-            done, _ = await asyncio.wait({pending}, timeout=heartbeat_seconds)
-            if not done:
+        while True:
+            item = await queue.get()
+            sent_at = loop.time()
+            if item is _PING:
                 yield HEARTBEAT
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
+            elif item is _END:
                 yield writer.done()
                 return
-            except grpc.aio.AioRpcError as error:
-                yield writer.error(error)
+            elif isinstance(item, grpc.aio.AioRpcError):
+                yield writer.error(item)
                 return
-            for piece in writer.translate(event):
-                yield piece
-            pending = asyncio.ensure_future(anext(events))
+            else:
+                for piece in writer.translate(item):
+                    yield piece
     finally:
         # the caller left, or the stream ended: close the call, which closes the upstream turn
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        for task in tasks:
+            task.cancel()
+        first.cancel()
         call.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _SeedEvents:
