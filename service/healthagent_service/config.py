@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     grpc_servers: int = Field(
         default=16, ge=1, le=MAX_GRPC_SERVERS, alias="HEALTHAGENT_GRPC_SERVERS"
     )
+    # 0: connections live as long as their clients keep them. Behind L4 balancing (a
+    # Kubernetes Service), a limit makes clients reconnect now and then, and so reach replicas
+    # added since they connected (docs/deploy.md)
+    grpc_max_connection_age_seconds: float = Field(
+        default=0.0, ge=0, le=86_400, alias="HEALTHAGENT_GRPC_MAX_CONNECTION_AGE_SECONDS"
+    )
     # set by the supervisor of `serve --workers N` in each worker's environment, never by hand
     worker_index: int | None = Field(default=None, ge=0, alias="HEALTHAGENT_WORKER_INDEX")
     metrics_listen: str = Field(default="", alias="HEALTHAGENT_METRICS_LISTEN")

@@ -66,6 +66,7 @@ _REQUEST_CLASSES = {
 }
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
+MAX_CONNECTION_AGE_GRACE_MS = 10 * 60_000
 
 # Mobile clients sleep, switch networks and sit behind NATs: let them ping every 20 s (even with
 # no call active) without being told "too many pings", and ping idle connections ourselves.
@@ -100,6 +101,11 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # port: the kernel spreads connections over their sockets (the port is reserved, so
         # nothing else can join them: `listen.reserve_port`)
         options["grpc.so_reuseport"] = 1
+    if settings.grpc_max_connection_age_seconds > 0:
+        # an old connection is told to go away (GOAWAY) and takes no new calls; the calls on it
+        # get MAX_CONNECTION_AGE_GRACE_MS to finish, more than any turn lasts
+        options["grpc.max_connection_age_ms"] = int(settings.grpc_max_connection_age_seconds * 1000)
+        options["grpc.max_connection_age_grace_ms"] = MAX_CONNECTION_AGE_GRACE_MS
     return list(options.items())
 
 
