@@ -36,7 +36,7 @@ import yaml
 from compose_spec import PyCompose
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port
+from bench.processes import free_port, wait_serving
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from tests.podman import AGENT_IMAGE, SERVICE_IMAGE, Podman, require_podman
@@ -429,23 +429,6 @@ def token(secret: str, user: str, **claims: Any) -> str:
     )
 
 
-def wait_serving(address: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                answer = stub.Check(
-                    health_pb2.HealthCheckRequest(service="healthagent.v1.HealthAgent"), timeout=2
-                )
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{address} did not reach SERVING"
-            time.sleep(0.2)
-
-
 def chat(address: str, bearer: str, user: str, message: str) -> list[pb.ChatResponse]:
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.HealthAgentStub(channel)
@@ -516,7 +499,7 @@ def test_service_image_streams_and_drains_on_sigterm(podman: Podman) -> None:
         "HEALTHAGENT_SHUTDOWN_GRACE_SECONDS": str(grace),
     }
     with podman.container(SERVICE_IMAGE, env) as name:
-        wait_serving(address)
+        wait_serving(address, timeout=60.0)
         # the image's own health check (`healthagent health` inside the container)
         podman.run("healthcheck", "run", name, timeout=60)
         assert podman.process_ids(name) == (10001, 10001)
@@ -631,7 +614,7 @@ def test_agent_image_serves_the_service_on_postgres_and_redis(podman: Podman) ->
                 time.sleep(1)
             assert podman.process_ids(agent) == (10001, 10001)
             with podman.container(SERVICE_IMAGE, service_env) as service:
-                wait_serving(service_address)
+                wait_serving(service_address, timeout=60.0)
                 bearer = token(secret, "carol")
                 events = chat(service_address, bearer, "carol", "hello agent")
                 kinds = [event.WhichOneof("event") for event in events]
