@@ -616,7 +616,8 @@ async def serve(settings: Settings, listen: str | None = None) -> None:
         hint = (
             "set OPENAI_API_KEY"
             if upstream_kind is UpstreamKind.REALTIME
-            else "set OPENAI_API_KEY and OPENAI_WORKFLOW_ID"
+            # hosted workflows are retired: a key alone runs the agent server on OpenAI
+            else "set OPENAI_API_KEY (with the 'agent' extra installed)"
         )
         log.warning(
             f"upstream: {description}; {hint} to use OpenAI",
