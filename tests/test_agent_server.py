@@ -180,11 +180,18 @@ async def test_an_agent_setting_that_names_no_agent_is_refused(
     assert complaint in str(raised.value)
 
 
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
 async def test_an_output_guardrail_withdraws_text_the_caller_already_has(
-    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+    api: str,
+    emulator: ChatKitEmulator,
+    start_agent: AgentFactory,
+    start_service: ServiceFactory,
 ) -> None:
     agent, service = await agent_service(
-        start_agent, start_service, HEALTHAGENT_AGENT="tests.peers.custom_agents:guarded_agent"
+        start_agent,
+        start_service,
+        HEALTHAGENT_AGENT="tests.peers.custom_agents:guarded_agent",
+        HEALTHAGENT_AGENT_API=api,
     )
     call = chat(service, f"say something {WITHDRAWN_WORD}")
     received: list[pb.ChatResponse] = []
@@ -506,3 +513,33 @@ async def test_the_migrated_example_runs_its_handoff_on_the_configured_model(
     # the agent handed off to names no model either: it runs on HEALTHAGENT_AGENT_MODEL
     assert router.model == coach.model == "gpt-test-model"
     assert coach.input[0][0] == "system" and coach.input[0][1] != router.input[0][1]
+
+
+async def test_users_with_any_printable_name_chat_and_log_out(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    user = "José 用户 %41"
+    events = await collect(chat(service, "hola", user=user))
+    assert events[0].session.user == user and _done(events).text.startswith("You said: hola")
+    page = await agent.app.chatkit.store.load_threads(
+        10, None, "asc", RequestContext(user, "service")
+    )
+    assert [thread.id for thread in page.data] == [events[0].session.conversation_id]
+    minted = await service.stub.MintSession(pb.MintSessionRequest(user=user), timeout=10)
+    bearer = {"Authorization": f"Bearer {minted.client_secret}"}
+    assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 200
+    await service.stub.RevokeSessions(pb.RevokeSessionsRequest(user=user))
+    assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 401
+
+
+async def test_logout_reaches_an_agent_server_on_loopback_without_a_credential(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent = await start_agent(HEALTHAGENT_CHATKIT_AUTH_HEADER="")
+    service = await start_service(**service_env(agent, HEALTHAGENT_CHATKIT_AUTH_HEADER=""))
+    minted = await service.stub.MintSession(pb.MintSessionRequest(user="alice"), timeout=10)
+    bearer = {"Authorization": f"Bearer {minted.client_secret}"}
+    assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 200
+    await service.stub.RevokeSessions(pb.RevokeSessionsRequest(user="alice"))
+    assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 401

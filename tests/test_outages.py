@@ -188,8 +188,13 @@ async def test_health_follows_postgres_and_calls_are_unavailable_meanwhile(
 
 
 async def wait_for_health(health: Any, expected: Any, timeout: float = 10.0) -> None:
+    """Wait until the service's readiness (`healthagent.v1.HealthAgent`) says `expected`; the
+    overall status ("", what liveness probes ask) stays SERVING through an outage, or every
+    replica would be restarted at once."""
     deadline = asyncio.get_running_loop().time() + timeout
-    for service_name in ("", "healthagent.v1.HealthAgent"):
+    overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    for service_name in ("healthagent.v1.HealthAgent",):
         while True:
             answer = await health.Check(health_pb2.HealthCheckRequest(service=service_name))
             if answer.status == expected:

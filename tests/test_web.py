@@ -361,7 +361,9 @@ async def test_a_failure_before_the_stream_is_an_http_status_with_json(
         response = await client.post(base + SEED, json=body)
         assert response.status_code == 401
         assert response.json()["code"] == "UNAUTHENTICATED" and not response.json()["success"]
-        response = await client.post(base + SEED, content=b"{not json")
+        response = await client.post(
+            base + SEED, content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400 and response.json()["violations"][0]["field"] == "body"
         response = await client.post(
             base + SEED,
@@ -433,3 +435,49 @@ async def test_the_listener_refuses_off_loopback_without_authentication(
 ) -> None:
     with pytest.raises(ValueError, match="without caller authentication"):
         await start_service(**emulator_env(emulator, HEALTHAGENT_HTTP_LISTEN="0.0.0.0:0"))
+
+
+async def test_metadata_that_grpc_cannot_carry_is_the_callers_mistake(
+    emulator: ChatKitEmulator, start_service: ServiceFactory
+) -> None:
+    _, base = await web_service(emulator, start_service)
+    async with httpx.AsyncClient(timeout=30) as client:
+        request = pb.MintSessionRequest(user="web").SerializeToString()
+        reply = await client.post(
+            f"{base}/healthagent.v1.HealthAgent/MintSession",
+            content=len(request).to_bytes(5, "big") + request,
+            headers={
+                b"content-type": b"application/grpc-web+proto",
+                b"x-client-name": "caf\u00e9".encode("latin-1"),
+            },
+        )
+    assert reply.headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert "x-client-name" in reply.headers["grpc-message"]
+
+
+async def test_without_authentication_only_this_machine_and_json_get_in(
+    emulator: ChatKitEmulator, start_service: ServiceFactory
+) -> None:
+    _, base = await web_service(emulator, start_service)
+    body = b'{"message": "hi", "user": "u5", "stream": false}'
+    async with httpx.AsyncClient(timeout=30) as client:
+        # a page on another site may POST text/plain without a preflight: refused
+        plain = await client.post(base + SEED, content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 415
+        # a name rebound to 127.0.0.1 still sends its own Host: refused while auth is off
+        rebound = await client.post(
+            base + SEED,
+            content=body,
+            headers={"content-type": "application/json", "host": "evil.example"},
+        )
+        assert rebound.status_code == 421
+        web = await client.post(
+            f"{base}/healthagent.v1.HealthAgent/MintSession",
+            content=b"",
+            headers={"content-type": "application/grpc-web+proto", "host": "evil.example:80"},
+        )
+        assert web.status_code == 421
+        ok = await client.post(
+            base + SEED, content=body, headers={"content-type": "application/json"}
+        )
+        assert ok.status_code == 200 and ok.json()["success"] is True

@@ -24,6 +24,7 @@ import httpx
 import structlog
 
 from healthagent_service.config import Settings
+from healthagent_service.workers import SUPERVISOR_PID_ENV
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +104,7 @@ class AgentProcess:
         # the child's own settings, not the service's: it is the upstream, not a client of one
         for setting in ("HEALTHAGENT_UPSTREAM", "HEALTHAGENT_CHATKIT_URL", "HEALTHAGENT_WORKERS"):
             environment.pop(setting, None)
+        environment[SUPERVISOR_PID_ENV] = str(os.getpid())
         return environment
 
     async def start(self) -> None:
@@ -121,6 +123,10 @@ class AgentProcess:
             env=self._environment(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
+            # its own session: a Ctrl-C or a signal to serve's process group is serve's to
+            # handle (it stops the child last); and it follows serve if serve is killed
+            # (`workers.follow_supervisor`, through SUPERVISOR_PID_ENV)
+            start_new_session=True,
         )
         await self._wait_ready(self._process)
         log.info("agent server ready", url=self.endpoint.url, pid=self._process.pid)
@@ -128,7 +134,8 @@ class AgentProcess:
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
         health = self.endpoint.url.removesuffix("/chatkit") + "/healthz"
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        # never through a proxy from the environment: the child is on loopback
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
             while time.monotonic() < deadline:
                 if process.returncode is not None:
                     raise RuntimeError(

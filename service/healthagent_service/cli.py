@@ -29,6 +29,7 @@ from healthagent_service.config import (
 from healthagent_service.listen import join_listen, parse_listen
 from healthagent_service.logging import configure_logging
 from healthagent_service.memory import limit_malloc_arenas, tune_garbage_collector
+from healthagent_service.workers import SUPERVISOR_PID_ENV
 
 HEALTH_SERVICE = "healthagent.v1.HealthAgent"
 DEFAULT_EMULATOR_LISTEN = "127.0.0.1:8787"
@@ -288,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "agent":
             from healthagent_service.agent.app import run_agent_server
+
+            if os.environ.get(SUPERVISOR_PID_ENV):  # `serve`'s child: end with it
+                from healthagent_service.workers import follow_supervisor
+
+                follow_supervisor()
 
             asyncio.run(run_agent_server(settings, options.listen))
             return 0

@@ -546,6 +546,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
                 cors_origins=settings.cors_origins,
                 max_message_bytes=settings.max_message_bytes,
                 demo=settings.http_demo,
+                open_access=not settings.auth_configured,
                 share_port=settings.worker_index is not None,
                 grace_seconds=settings.shutdown_grace_seconds,
                 heartbeat_seconds=settings.http_heartbeat_seconds,
@@ -582,7 +583,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     if settings.database_url is not None:
         checks.append(("postgresql", store.ping))
     watch = (
-        asyncio.create_task(watch_dependencies(health_servicer, ("", SERVICE_NAME), checks))
+        # the service's name only: readiness follows Redis and PostgreSQL, while "" (liveness)
+        # stays SERVING, or an outage would restart every replica at once
+        asyncio.create_task(watch_dependencies(health_servicer, (SERVICE_NAME,), checks))
         if checks
         else None
     )

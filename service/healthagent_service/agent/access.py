@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Mapping
+from urllib.parse import unquote
 
 from healthagent_service.agent.database import AgentDatabase
 from healthagent_service.agent.thread_store import RequestContext
@@ -78,6 +79,11 @@ class Access:
         self._token_audience = token_audience
         self._revocations = revocations
 
+    def may_revoke(self, headers: Mapping[str, str]) -> bool:
+        """True for the service's logout: its credential, or any local caller when none is
+        configured (the same trust such a server gives `X-HealthAgent-User`)."""
+        return self._service_header is None or self.is_service(headers)
+
     def is_service(self, headers: Mapping[str, str]) -> bool:
         """True when the request carries the service's credential."""
         if self._service_header is None:
@@ -106,7 +112,10 @@ class Access:
 
 
 def _forwarded_user(headers: Mapping[str, str]) -> str:
-    user = headers.get(FORWARDED_USER_HEADER.lower(), "")
+    try:  # percent-encoded UTF-8 (`upstream.chatkit.forwarded_user`)
+        user = unquote(headers.get(FORWARDED_USER_HEADER.lower(), ""), errors="strict")
+    except UnicodeDecodeError:
+        user = ""
     if not user or len(user) > MAX_USER_LENGTH or not user.isprintable():
         raise AccessDenied(400, f"the {FORWARDED_USER_HEADER} header must name the end user")
     return user

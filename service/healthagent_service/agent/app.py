@@ -125,7 +125,7 @@ class AgentApp:
         )
 
     async def revoke_endpoint(self, request: Request) -> Response:
-        if not self.access.is_service(request.headers):
+        if not self.access.may_revoke(request.headers):
             return _error(401, "only the HealthAgent service may revoke tokens")
         try:
             user = json.loads(await self._body(request))["user"]
@@ -234,6 +234,7 @@ async def start_agent_server(
             log_level="warning",
             lifespan="off",
             access_log=False,
+            log_config=None,  # uvicorn's records go through the process's logging
             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         )
         server = uvicorn.Server(config) if install_signal_handlers else _EmbeddedServer(config)

@@ -68,27 +68,29 @@ class _TurnIds:
         self._current: str | None = None
         self.added_messages: list[str] = []
 
-    def relabel(self, event: ThreadStreamEvent) -> ThreadStreamEvent:
+    def relabel(self, event: ThreadStreamEvent) -> list[ThreadStreamEvent]:
         if isinstance(event, ThreadItemAddedEvent):
             if self._new_id is not None and event.item.id == FAKE_RESPONSES_ID:
                 self._current = self._new_id()
                 event = event.model_copy(update={"item": _with_id(event.item, self._current)})
             if isinstance(event.item, AssistantMessageItem):
                 self.added_messages.append(event.item.id)
-            return event
+            return [event]
         if self._new_id is None:
-            return event
+            return [event]
         if isinstance(event, ThreadItemUpdatedEvent) and event.item_id == FAKE_RESPONSES_ID:
-            return event.model_copy(update={"item_id": self._current or self._new_id()})
+            return [event.model_copy(update={"item_id": self._current or self._new_id()})]
         if isinstance(event, ThreadItemRemovedEvent) and event.item_id == FAKE_RESPONSES_ID:
-            return event.model_copy(update={"item_id": self._current or self._new_id()})
+            # a tripped guardrail removes "every item the run produced", all named
+            # __fake_id__ by the SDK: each message this run added, under the id it got here
+            return [ThreadItemRemovedEvent(item_id=item_id) for item_id in self.added_messages]
         if isinstance(event, ThreadItemDoneEvent) and event.item.id == FAKE_RESPONSES_ID:
             if isinstance(event.item, AssistantMessageItem) and self._current is not None:
                 item_id, self._current = self._current, None
             else:  # a client tool call, which the SDK names after the model's item too
                 item_id = self._new_id()
-            return event.model_copy(update={"item": _with_id(event.item, item_id)})
-        return event
+            return [event.model_copy(update={"item": _with_id(event.item, item_id)})]
+        return [event]
 
 
 def _with_id(item: Any, item_id: str) -> Any:
@@ -170,7 +172,8 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         failure: TurnFailure | None = None
         try:
             async for event in stream_agent_response(agent_context, result):
-                yield ids.relabel(event)
+                for relabelled in ids.relabel(event):
+                    yield relabelled
         except Exception as exc:
             failure = classify_failure(exc, ids.added_messages)
             if failure is None:

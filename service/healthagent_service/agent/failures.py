@@ -16,13 +16,16 @@ ChatKit's own `error` event, so a plain ChatKit client still sees an error. The 
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 import httpx2
 import openai
+import pydantic
 from agents.exceptions import (
     InputGuardrailTripwireTriggered,
     MaxTurnsExceeded,
@@ -169,6 +172,23 @@ def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnF
             "UNAVAILABLE",
             "MODEL_STREAM_FAILED",
             "the model did not finish its answer",
+            retry_after_seconds=DEFAULT_RETRY_AFTER_SECONDS,
+        )
+    if isinstance(exc, (ValueError, pydantic.ValidationError)) and not isinstance(
+        exc, UnicodeError
+    ):
+        # the model server's stream did not parse (a malformed event from a compatible server)
+        return TurnFailure(
+            "UNAVAILABLE",
+            "MODEL_STREAM_FAILED",
+            "the model's stream could not be read",
+            retry_after_seconds=DEFAULT_RETRY_AFTER_SECONDS,
+        )
+    if isinstance(exc, (OSError, sqlite3.Error, asyncpg.PostgresError)):
+        return TurnFailure(
+            "UNAVAILABLE",
+            "AGENT_STORE_UNAVAILABLE",
+            "the agent server's thread store cannot be reached",
             retry_after_seconds=DEFAULT_RETRY_AFTER_SECONDS,
         )
     if isinstance(exc, UserError):

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import structlog
@@ -44,8 +45,18 @@ from healthagent_service.upstream.sse_client import BufferBudgetExceededError
 log = structlog.get_logger(__name__)
 
 CHATKIT_BETA_HEADER = ("OpenAI-Beta", "chatkit_beta=v1")
-# Header that carries the end user's id to a self-hosted ChatKit server, to scope its threads.
+# Header that carries the end user's id to a self-hosted ChatKit server, to scope its threads:
+# percent-encoded UTF-8 (`forwarded_user`), since header values are bytes of Latin-1 at most
 FORWARDED_USER_HEADER = "X-HealthAgent-User"
+# printable ASCII but "%" stays as it is: the common ids read the same encoded or not
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def forwarded_user(user: str) -> str:
+    """`user` as the X-HealthAgent-User header carries it (`urllib.parse.unquote` reads it)."""
+    return quote(user, safe=_HEADER_SAFE)
+
+
 _MAX_ERROR_BODY_BYTES = 64 * 1024
 # what a MintSession answer names as the workflow of an agent server's user token
 AGENT_WORKFLOW_ID = "agent"
@@ -200,7 +211,8 @@ class ChatKitUpstream:
     async def revoke_agent_tokens(self, user: str) -> None:
         """Void every user token the agent server would still accept for `user`."""
         url = httpx.URL(self._conversation_url).join(AGENT_REVOKE_PATH)
-        headers = self._self_hosted_headers(user)
+        # the user is in the body; the header carries the service's credential alone
+        headers = dict([self._config.self_hosted_auth]) if self._config.self_hosted_auth else {}
         try:
             response = await self._http.for_key(user).post(
                 url, json={"user": user}, headers=headers
@@ -327,7 +339,7 @@ class ChatKitUpstream:
                 ) from None
 
     def _self_hosted_headers(self, user: str) -> dict[str, str]:
-        headers = {FORWARDED_USER_HEADER: user}
+        headers = {FORWARDED_USER_HEADER: forwarded_user(user)}
         if self._config.self_hosted_auth is not None:
             name, value = self._config.self_hosted_auth
             headers[name] = value

@@ -78,6 +78,7 @@ _NOT_METADATA = frozenset(
     }
 )
 _METADATA_NAME = re.compile(r"^[0-9a-z_.-]+$")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -191,6 +192,8 @@ def call_metadata(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str | b
         if not _METADATA_NAME.match(name) or name.startswith("grpc-"):
             continue
         value = raw_value.decode("latin-1")
+        if not name.endswith("-bin") and not _PRINTABLE_ASCII.match(value):
+            raise BadWebRequest(f"header {name} must be printable ASCII, as gRPC metadata is")
         if name.endswith("-bin"):
             try:
                 metadata.append((name, base64.b64decode(value + "=" * (-len(value) % 4))))
@@ -257,8 +260,8 @@ class GrpcWebBridge:
             await reply.finish(
                 error.code(), error.details() or "", tuple(error.trailing_metadata())
             )
-        except OSError:
-            call.cancel()  # the socket went away mid-write
+        except (OSError, asyncio.CancelledError):
+            call.cancel()  # the browser went away: the call ends with it, quietly
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from healthagent_service.listen import is_loopback
 from healthagent_service.web.grpc_web import GrpcWebBridge, Receive, Scope, Send
 from healthagent_service.web.seed_contract import (
     SSE_HEADERS,
@@ -66,13 +67,20 @@ class WebApp:
         max_message_bytes: int,
         demo: bool,
         heartbeat_seconds: float,
+        loopback_hosts_only: bool,
     ) -> None:
+        self._loopback_hosts_only = loopback_hosts_only
         self.bridge = GrpcWebBridge(channel, max_message_bytes)
         self.contract = SeedContract(channel, heartbeat_seconds)
         self._demo = demo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            return
+        if self._loopback_hosts_only and not _names_loopback(scope):
+            # no authentication: only this machine may call, and a page on another site that
+            # rebinds its name to 127.0.0.1 still sends its own Host
+            await JSONResponse({"error": "unknown host"}, status_code=421)(scope, receive, send)
             return
         path = scope["path"]
         if self.bridge.serves(path):
@@ -91,6 +99,13 @@ class WebApp:
     async def _seed(self, request: Request) -> Response:
         if request.method != "POST":
             return JSONResponse({"success": False, "error": "use POST"}, status_code=405)
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            # a JSON body, declared: a page on another site cannot send one without a CORS
+            # preflight, which only the configured origins pass
+            return JSONResponse(
+                {"success": False, "error": "Content-Type must be application/json"},
+                status_code=415,
+            )
         try:
             raw = bytearray()
             async for piece in request.stream():
@@ -109,6 +124,12 @@ class WebApp:
             headers={k.decode(): v.decode() for k, v in SSE_HEADERS[1:]},
             media_type=SSE_HEADERS[0][1].decode(),
         )
+
+
+def _names_loopback(scope: Scope) -> bool:
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return is_loopback(name.strip("[]"))
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -170,6 +191,7 @@ async def start_http_listener(
     cors_origins: list[str],
     max_message_bytes: int,
     demo: bool,
+    open_access: bool,
     share_port: bool,
     grace_seconds: float,
     heartbeat_seconds: float,
@@ -188,6 +210,7 @@ async def start_http_listener(
         max_message_bytes=max_message_bytes,
         demo=demo,
         heartbeat_seconds=heartbeat_seconds,
+        loopback_hosts_only=open_access,
     )
     if cors_origins:
         app = CORSMiddleware(
@@ -204,6 +227,7 @@ async def start_http_listener(
         lifespan="off",
         log_level="warning",
         access_log=False,
+        log_config=None,  # uvicorn's records go through the service's logging (JSON, redacted)
         # streams are long: no compression (none is configured), and no keep-alive cut-off
         timeout_graceful_shutdown=max(1, int(grace_seconds)),
         server_header=False,

@@ -350,7 +350,7 @@ class _SeedEvents:
                     {
                         "callId": call.call_id,
                         "name": call.name,
-                        "arguments": json.loads(call.arguments_json or "{}"),
+                        "arguments": _arguments(call.arguments_json),
                         "sessionId": self._session_id,
                         "conversationId": self._conversation_id,
                     },
@@ -385,6 +385,15 @@ class _SeedEvents:
 
     def error(self, error: grpc.aio.AioRpcError) -> bytes:
         return self._emit("error", {**error_body(error), "sessionId": self._session_id})
+
+
+def _arguments(arguments_json: str) -> Any:
+    """A tool call's arguments as JSON, or as the model's text when that is not JSON (the
+    Realtime model's own, passed through)."""
+    try:
+        return json.loads(arguments_json or "{}")
+    except ValueError:
+        return arguments_json
 
 
 def _tool_output(value: Any) -> pb.ToolOutput:
