@@ -17,10 +17,13 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.agent.health_agent import REFERENCE_RANGES
 from healthagent_service.agent.loading import AgentLoadError
 from healthagent_service.agent.thread_store import RequestContext
+from healthagent_service.config import DEFAULT_AGENT_TOKEN_AUDIENCE
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME
+from healthagent_service.security.agent_tokens import issue_agent_token
 from tests.agents import (
     SERVICE_AUTH,
+    TOKEN_SECRET,
     AgentFactory,
     agent_service,
     chat,
@@ -543,3 +546,22 @@ async def test_logout_reaches_an_agent_server_on_loopback_without_a_credential(
     assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 200
     await service.stub.RevokeSessions(pb.RevokeSessionsRequest(user="alice"))
     assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 401
+
+
+async def test_logout_compares_the_services_clock_with_the_tokens(
+    start_agent: AgentFactory,
+) -> None:
+    agent = await start_agent()
+    issued = issue_agent_token(TOKEN_SECRET, DEFAULT_AGENT_TOKEN_AUDIENCE, "carol", 60)
+    bearer = {"Authorization": f"Bearer {issued.token}"}
+    service = {SERVICE_AUTH[0]: SERVICE_AUTH[1]}
+    revoke_url = agent.url.removesuffix("chatkit") + "tokens/revoke"
+    async with httpx.AsyncClient(timeout=10) as http:
+        # the service's clock said the logout came before this token was issued: it stands
+        # (the agent server's own clock, later, would have voided it)
+        before = {"user": "carol", "revoked_before": issued.issued_at - 100}
+        assert (await http.post(revoke_url, json=before, headers=service)).status_code == 200
+        assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 200
+        after = {"user": "carol", "revoked_before": issued.issued_at + 1}
+        assert (await http.post(revoke_url, json=after, headers=service)).status_code == 200
+        assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 401

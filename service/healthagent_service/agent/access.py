@@ -35,6 +35,9 @@ class AccessDenied(Exception):  # noqa: N818 - a verdict, like HTTP's
         self.message = message
 
 
+_TRUSTED_CLOCK_SKEW_SECONDS = 86_400.0
+
+
 class TokenRevocations:
     """The moment before which a user's tokens are void, in the agent's database, so every
     agent server sharing it refuses them."""
@@ -42,8 +45,13 @@ class TokenRevocations:
     def __init__(self, database: AgentDatabase) -> None:
         self._database = database
 
-    async def revoke(self, user: str) -> float:
+    async def revoke(self, user: str, at: float | None = None) -> float:
+        """Void the user's tokens issued up to `at`: the service's clock, which also stamped
+        the tokens' `iat`, so the two compare whatever the agent server's own clock says
+        (this one's when the service sent none, or one a day away from it)."""
         moment = time.time()
+        if at is not None and abs(at - moment) < _TRUSTED_CLOCK_SKEW_SECONDS:
+            moment = at
         await self._database.execute(
             "INSERT INTO agent_token_revocations (user_id, revoked_before) VALUES (?, ?)"
             " ON CONFLICT (user_id) DO UPDATE SET revoked_before = excluded.revoked_before",

@@ -128,12 +128,15 @@ class AgentApp:
         if not self.access.may_revoke(request.headers):
             return _error(401, "only the HealthAgent service may revoke tokens")
         try:
-            user = json.loads(await self._body(request))["user"]
-        except (ValueError, TypeError, KeyError, AccessDenied):
+            body = json.loads(await self._body(request))
+            user, at = body["user"], body.get("revoked_before")
+        except (ValueError, TypeError, KeyError, AttributeError, AccessDenied):
             return _error(400, 'the body must be {"user": "<end user>"}', param="user")
         if not isinstance(user, str) or not user:
             return _error(400, "user must be a non-empty string", param="user")
-        revoked_before = await self.revocations.revoke(user)
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            at = None
+        revoked_before = await self.revocations.revoke(user, at)
         log.info("user tokens revoked", user=user)
         return JSONResponse({"revoked_before": revoked_before})
 

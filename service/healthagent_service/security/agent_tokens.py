@@ -20,6 +20,7 @@ import jwt
 from healthagent_service.config import MAX_AGENT_TOKEN_TTL_SECONDS
 
 ISSUER = "healthagent"
+CLOCK_SKEW_LEEWAY_SECONDS = 30
 _ALGORITHM = "HS256"
 # a token's state variables travel in the token; bounded like MintSession's own limit
 STATE_VARIABLES_CLAIM = "state_variables"
@@ -86,6 +87,8 @@ def verify_agent_token(secret: str, audience: str, token: str) -> TokenClaims:
             audience=audience,
             issuer=ISSUER,
             options={"require": ["sub", "aud", "iss", "iat", "exp"]},
+            # the service and the agent server may be different hosts: some clock skew
+            leeway=CLOCK_SKEW_LEEWAY_SECONDS,
         )
     except jwt.PyJWTError as exc:
         raise InvalidAgentToken(type(exc).__name__) from None

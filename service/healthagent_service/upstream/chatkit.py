@@ -215,7 +215,10 @@ class ChatKitUpstream:
         headers = dict([self._config.self_hosted_auth]) if self._config.self_hosted_auth else {}
         try:
             response = await self._http.for_key(user).post(
-                url, json={"user": user}, headers=headers
+                # the moment on this clock, which also stamps the tokens' `iat`
+                url,
+                json={"user": user, "revoked_before": time.time()},
+                headers=headers,
             )
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, phase="revoke") from None
