@@ -335,6 +335,20 @@ class _Http1Pool:
             await connection.exchange(request, on_piece)
         return connection
 
+    async def exchange_for(
+        self,
+        sample: TurnSample,
+        index: int,
+        request: bytes,
+        on_piece: Callable[[bytes, int], None],
+    ) -> _Http1 | None:
+        """`exchange`, with a failure to connect or to finish in time noted in `sample`."""
+        try:
+            return await self.exchange(index, request, on_piece)
+        except (OSError, TimeoutError) as error:
+            sample.error, sample.detail = type(error).__name__, str(error)
+            return None
+
     def request_head(self, path: str, content_type: str, length: int, extra: str = "") -> bytes:
         return (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
@@ -402,10 +416,8 @@ class GrpcWebTurns:
             GRPC_WEB_CHAT_PATH, "application/grpc-web+proto", len(body), "X-Grpc-Web: 1\r\n"
         )
         reader = _GrpcWebChat(sample)
-        try:
-            connection = await self._pool.exchange(index, head + body, reader.feed)
-        except (OSError, TimeoutError) as error:
-            sample.error, sample.detail = type(error).__name__, str(error)
+        connection = await self._pool.exchange_for(sample, index, head + body, reader.feed)
+        if connection is None:
             return sample
         if connection.status != 200:
             sample.error = f"HTTP_{connection.status}"
@@ -487,10 +499,8 @@ class SeedSseTurns:
             SEED_PATH, "application/json", len(body), "Accept: text/event-stream\r\n"
         )
         reader = _SeedChat(sample)
-        try:
-            connection = await self._pool.exchange(index, head + body, reader.feed)
-        except (OSError, TimeoutError) as error:
-            sample.error, sample.detail = type(error).__name__, str(error)
+        connection = await self._pool.exchange_for(sample, index, head + body, reader.feed)
+        if connection is None:
             return sample
         if connection.status != 200:
             try:

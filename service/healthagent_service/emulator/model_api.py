@@ -379,11 +379,16 @@ class ModelApi:
             yield event("response.completed", response=done)
             self._end(record, COMPLETED)
         finally:
-            stats.streams_open -= 1
-            if record.outcome == OPEN:
-                self._end(record, INTERRUPTED)
-            if record.outcome == COMPLETED:
-                stats.streams_completed += 1
+            self._stream_closed(record)
+
+    def _stream_closed(self, record: ModelRequestRecord) -> None:
+        """A streamed answer's body ended, however: count it, and name an unfinished one."""
+        stats = self._owner.stats
+        stats.streams_open -= 1
+        if record.outcome == OPEN:
+            self._end(record, INTERRUPTED)
+        if record.outcome == COMPLETED:
+            stats.streams_completed += 1
 
     # -- Chat Completions ------------------------------------------------------------------
 
@@ -451,11 +456,7 @@ class ModelApi:
             record.output_tokens = turn.output_tokens
             self._end(record, COMPLETED)
         finally:
-            stats.streams_open -= 1
-            if record.outcome == OPEN:
-                self._end(record, INTERRUPTED)
-            if record.outcome == COMPLETED:
-                stats.streams_completed += 1
+            self._stream_closed(record)
 
     # -- non-streaming ---------------------------------------------------------------------
 
