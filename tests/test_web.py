@@ -203,21 +203,29 @@ async def test_grpc_timeout_is_the_calls_deadline(
         assert bad.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
+@pytest.mark.parametrize("way", ["grpc-web", "sse"])
 async def test_a_browser_that_leaves_cancels_the_call_and_the_turn_is_kept_incomplete(
-    emulator: ChatKitEmulator, start_service: ServiceFactory
+    emulator: ChatKitEmulator, start_service: ServiceFactory, way: str
 ) -> None:
     service, base = await web_service(emulator, start_service)
     disconnects = emulator.stats.streams_disconnected
+    message = "[pace=50][chunks=400]"
     async with httpx.AsyncClient(timeout=30) as client:
-        reply = await grpc_web(
-            client,
-            base,
-            "healthagent.v1.HealthAgent/Chat",
-            pb.ChatRequest(user="web", message="[pace=50][chunks=400]"),
-            stop_after=8,
-        )
-    assert any(event.chunk.text for event in chat_events(reply))
-    conversation_id = chat_events(reply)[0].session.conversation_id
+        if way == "grpc-web":
+            reply = await grpc_web(
+                client,
+                base,
+                "healthagent.v1.HealthAgent/Chat",
+                pb.ChatRequest(user="web", message=message),
+                stop_after=8,
+            )
+            assert any(event.chunk.text for event in chat_events(reply))
+            conversation_id = chat_events(reply)[0].session.conversation_id
+        else:
+            body = {"message": message, "user": "web", "stream": True}
+            _, events, _ = await sse(client, base + SEED, body, stop_after=8)
+            assert [event.name for event in events][-1] == "chunk"
+            conversation_id = events[0].data["conversationId"]
     for _ in range(100):
         if emulator.stats.streams_disconnected > disconnects:
             break

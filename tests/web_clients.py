@@ -129,9 +129,15 @@ class SseEvent:
 
 
 async def sse(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    *,
+    stop_after: int | None = None,
 ) -> tuple[httpx.Response, list[SseEvent], list[str]]:
-    """POST `body` and read the whole event stream: (response, events, comment lines)."""
+    """POST `body` and read the event stream: (response, events, comment lines); with
+    `stop_after`, hang up once that many events came."""
     events: list[SseEvent] = []
     comments: list[str] = []
     async with client.stream("POST", url, json=body, headers=headers or {}) as response:
@@ -151,4 +157,6 @@ async def sse(
             elif line == "" and data:
                 events.append(SseEvent(name, json.loads(data), event_id))
                 name, data, event_id = "message", "", ""
+                if len(events) == stop_after:
+                    break
     return response, events, comments

@@ -1,8 +1,9 @@
 """gRPC-Web (binary and text) in front of the gRPC server, for browsers and Flutter web.
 
-Each call is forwarded, bytes in and bytes out, to this process's own gRPC server over a
-loopback channel, so authentication, validation, limits, history, metrics and the `google.rpc`
-error details stay the one code path that exists (grpc/grpc `doc/PROTOCOL-WEB.md`):
+Each call is forwarded, bytes in and bytes out, to this process's own gRPC server over a private
+channel (an abstract Unix socket on Linux), so authentication, validation, limits, history,
+metrics and the `google.rpc` error details stay the one code path that exists (grpc/grpc
+`doc/PROTOCOL-WEB.md`):
 
 - the request body is one 5-byte-framed message (base64 of it in text mode);
 - headers become gRPC metadata, `grpc-timeout` the call's deadline;

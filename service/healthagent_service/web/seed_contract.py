@@ -10,15 +10,15 @@ Supabase Edge Function works by changing only its base URL (`../shared/seeds/`).
 - `{message, user, stream: false}`: seed 000's session answer (a ChatKit `MintSession`).
 - `{device_id}` alone: seed 001's mint answer (a Realtime `MintSession` for that device).
 
-Every call goes through the gRPC server over loopback, with the caller's `Authorization` and
-`x-request-id` as metadata, like any other client's.
+Every call goes through the gRPC server over its private socket, with the caller's
+`Authorization` and `x-request-id` as metadata, like any other client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,7 +145,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 class SeedContract:
-    """Answers the seeds' requests through a HealthAgent stub on the loopback channel."""
+    """Answers the seeds' requests through a HealthAgent stub on the private channel."""
 
     def __init__(self, channel: grpc.aio.Channel, heartbeat_seconds: float) -> None:
         self._stub = pb_grpc.HealthAgentStub(channel)
@@ -153,7 +153,7 @@ class SeedContract:
 
     async def answer(
         self, body: dict[str, Any], headers: Mapping[str, str]
-    ) -> dict[str, Any] | AsyncIterator[bytes]:
+    ) -> dict[str, Any] | AsyncGenerator[bytes, None]:
         """A JSON answer, or the SSE body of a streamed Chat. Raises `ContractError`."""
         metadata = tuple((name, headers[name]) for name in _FORWARDED_HEADERS if headers.get(name))
         message = _string(body, "message")
@@ -227,7 +227,7 @@ class SeedContract:
 
     async def _chat(
         self, request: pb.ChatRequest, metadata: tuple[tuple[str, str], ...]
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         call = self._stub.Chat(request, metadata=metadata)
         events = call.__aiter__()
         first = asyncio.ensure_future(anext(events))
@@ -252,7 +252,7 @@ _READ_AHEAD = 8
 
 async def _sse(
     call: Any, events: Any, first: asyncio.Future[Any], heartbeat_seconds: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The SSE body: events as they come, a heartbeat comment in every silence.
 
     One task reads the call and one wakes every heartbeat interval, only to say so when nothing
