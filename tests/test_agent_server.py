@@ -254,6 +254,7 @@ async def test_an_input_guardrail_refuses_the_message(
         ("[drop]", grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE", 1.0),
         ("[error]", grpc.StatusCode.UNAVAILABLE, "MODEL_STREAM_FAILED", 1.0),
         ("[noend]", grpc.StatusCode.UNAVAILABLE, "MODEL_STREAM_FAILED", 1.0),
+        ("[length]", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_ANSWER_INCOMPLETE", None),
         ("[http 401]", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_AUTH_REJECTED", None),
         ("[http 404]", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_REJECTED_REQUEST", None),
     ],
@@ -275,6 +276,38 @@ async def test_model_failures_end_the_stream_with_a_status_never_ok(
     assert (details.code, details.reason) == (code, reason), details.message
     assert details.retry_delay_seconds == retry
     assert "response_done" not in event_kinds(received)
+
+
+@pytest.mark.parametrize(
+    ("api", "stop"), [("responses", "max_output_tokens"), ("chat_completions", "length")]
+)
+async def test_an_answer_cut_at_the_token_limit_ends_incomplete_and_is_kept(
+    api: str, stop: str, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    _, service = await agent_service(start_agent, start_service, HEALTHAGENT_AGENT_API=api)
+    received: list[pb.ChatResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for event in chat(service, "how far did I walk? [length]"):
+            received.append(event)
+    details = status_details(failed.value)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_ANSWER_INCOMPLETE",
+    )
+    assert details.retry_delay_seconds is None and details.metadata["model_stop"] == stop
+    text = "".join(e.chunk.text for e in received if e.WhichOneof("event") == "chunk")
+    assert text == "You said: "
+    # kept as what it is: an incomplete answer, not a withdrawn one
+    history = await service.stub.GetConversation(
+        pb.GetConversationRequest(user="alice", conversation_id=received[0].session.conversation_id)
+    )
+    answer = history.conversation.messages[-1]
+    assert (answer.role, answer.text, answer.status, answer.error_reason) == (
+        pb.MESSAGE_ROLE_ASSISTANT,
+        text,
+        pb.MESSAGE_STATUS_INCOMPLETE,
+        "MODEL_ANSWER_INCOMPLETE",
+    )
 
 
 async def test_another_users_thread_is_not_found(

@@ -538,6 +538,34 @@ async def test_failures_without_a_stream(emulator: ChatKitEmulator, client: Asyn
     assert [r.outcome for r in emulator.model_requests] == ["failed", "failed", "dropped"]
 
 
+async def test_length_stops_the_answer_at_the_token_limit(
+    emulator: ChatKitEmulator, client: AsyncOpenAI
+) -> None:
+    stream = await client.responses.create(model=MODEL, input="hi [length]", stream=True)
+    events = [event async for event in stream]
+    assert [e.type for e in events][-2:] == ["response.output_text.delta", "response.incomplete"]
+    stopped = events[-1]
+    assert stopped.type == "response.incomplete"
+    assert stopped.response.status == "incomplete"
+    assert stopped.response.incomplete_details is not None
+    assert stopped.response.incomplete_details.reason == "max_output_tokens"
+    assert stopped.response.output_text == "You said: "
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi [length]"}], stream=True
+    )
+    chunks = [chunk async for chunk in chat]  # ends with [DONE], as a whole answer does
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    whole = await client.responses.create(model=MODEL, input="hi [length]")
+    assert (whole.status, whole.output_text) == ("incomplete", "You said: ")
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi [length]"}]
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == "You said: "
+    assert [r.outcome for r in emulator.model_requests] == ["incomplete"] * 4
+    assert emulator.stats.streams_open == 0
+
+
 # -- a client leaving ----------------------------------------------------------------------
 
 
@@ -685,6 +713,7 @@ async def test_agent_several_turns(
         (responses_model, "[drop]", openai.APIConnectionError, "Connection error."),
         (chat_model, "[drop]", openai.APIConnectionError, "Connection error."),
         (responses_model, "[noend]", ModelBehaviorError, "Model did not produce a final response"),
+        (responses_model, "[length]", ModelBehaviorError, "reason='max_output_tokens'"),
         (responses_model, "[ratelimit]", openai.RateLimitError, "Error code: 429"),
         (chat_model, "[ratelimit]", openai.RateLimitError, "Error code: 429"),
         (responses_model, "[http 500]", openai.InternalServerError, "Error code: 500"),
@@ -702,7 +731,8 @@ async def test_agent_failures_raise_what_the_sdk_raises(
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
         await run_streamed(agent_for(client, make_model), f"hi {trigger}")
-    assert emulator.model_requests[-1].outcome in ("failed", "dropped", "noend", "rejected")
+    outcomes = ("failed", "dropped", "noend", "rejected", "incomplete")
+    assert emulator.model_requests[-1].outcome in outcomes
     assert emulator.stats.streams_open == 0
 
 
@@ -714,6 +744,16 @@ async def test_agent_on_chat_completions_takes_a_stream_without_its_end_as_the_a
     result = await run_streamed(agent_for(client, chat_model), "[noend]")
     assert result.final_output == "You said: "
     assert emulator.model_requests[-1].outcome == "noend"
+
+
+async def test_agent_on_chat_completions_takes_an_answer_cut_at_the_token_limit_as_whole(
+    emulator: ChatKitEmulator, client: AsyncOpenAI
+) -> None:
+    # Why the agent server checks finish_reason itself (agent/model.py): the SDK raises only
+    # when no text came before `length`.
+    result = await run_streamed(agent_for(client, chat_model), "[length]")
+    assert result.final_output == "You said: "
+    assert emulator.model_requests[-1].outcome == "incomplete"
 
 
 async def test_agent_failure_without_a_stream(client: AsyncOpenAI) -> None:

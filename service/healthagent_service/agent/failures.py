@@ -7,6 +7,9 @@ ChatKit's own `error` event, so a plain ChatKit client still sees an error. The 
   `response.failed`: UNAVAILABLE (retryable: nothing was stored as an answer);
 - the model refusing our key or our request (401/403/400/404): FAILED_PRECONDITION, naming
   the setting to fix;
+- the model stopping its answer early (its output token limit, its content filter):
+  FAILED_PRECONDITION, not retryable (the same request stops the same way), the text kept as
+  an incomplete answer;
 - a guardrail tripwire: INVALID_ARGUMENT (input) or FAILED_PRECONDITION (output), never a
   retry, with the assistant messages whose text is withdrawn;
 - the Agents SDK refusing the agent as configured: FAILED_PRECONDITION;
@@ -16,6 +19,7 @@ ChatKit's own `error` event, so a plain ChatKit client still sees an error. The 
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from agents.exceptions import (
     UserError,
 )
 
-from healthagent_service.agent.model import TruncatedModelStream
+from healthagent_service.agent.model import ModelAnswerIncompleteError, TruncatedModelStream
 
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 INPUT_REFUSED = "INPUT_REFUSED"
@@ -90,6 +94,19 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _stopped_early(exc: BaseException) -> str | None:
+    """Why the model stopped its answer early, if that is what `exc` says."""
+    for cause in _causes(exc):
+        if isinstance(cause, ModelAnswerIncompleteError):
+            return cause.finish_reason
+        # the Agents SDK's own error for the Responses API's `response.incomplete` (its
+        # message names the event and the Response's incomplete_details)
+        if isinstance(cause, ModelBehaviorError) and "`response.incomplete`" in str(cause):
+            found = re.search(r"reason='([a-z_]+)'", str(cause))
+            return found.group(1) if found else "response.incomplete"
+    return None
+
+
 def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnFailure | None:
     """The failure `exc` stands for; None for an exception that is a defect (INTERNAL)."""
     if isinstance(exc, OutputGuardrailTripwireTriggered):
@@ -141,6 +158,14 @@ def classify_failure(exc: BaseException, added_messages: Sequence[str]) -> TurnF
             f"the model API answered HTTP {status}; check HEALTHAGENT_AGENT_MODEL and "
             "HEALTHAGENT_AGENT_BASE_URL",
             metadata=metadata,
+        )
+    stopped = _stopped_early(exc)
+    if stopped is not None:
+        return TurnFailure(
+            "FAILED_PRECONDITION",
+            "MODEL_ANSWER_INCOMPLETE",
+            f"the model stopped its answer early ({stopped}); the answer is incomplete",
+            metadata={"model_stop": stopped},
         )
     if any(isinstance(cause, TruncatedModelStream) for cause in _causes(exc)):
         # the openai client wraps it in an APIConnectionError

@@ -12,11 +12,16 @@ told when to retry (RetryInfo) and decides.
 
 A Chat Completions stream that ends without `data: [DONE]` is cut, not finished: the Agents
 SDK checks for a finish reason only on OpenAI's own endpoint and would take the cut answer for
-a whole one, so `CompleteStreamsOnly` raises `TruncatedModelStream` at its end instead.
+a whole one, so `CompleteStreamsOnly` raises `TruncatedModelStream` at its end instead. One that
+finishes with `finish_reason` `length` or `content_filter` stopped early, which the SDK takes
+for a whole answer unless no text came at all: `CompleteStreamsOnly` raises
+`ModelAnswerIncompleteError` at its end (the Responses API's `response.incomplete` the SDK raises on
+itself).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from typing import Any
 
 import httpx2
 from agents import Model, ModelSettings, RunConfig, set_tracing_disabled
+from agents.exceptions import _mark_error_to_drain_stream_events  # pinned SDK: see pyproject
 from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
@@ -33,6 +39,10 @@ from healthagent_service.emulator.embedded import Emulator, start_emulator
 # Ollama and friends need some key in the header, and ignore it.
 _KEYLESS_PLACEHOLDER = "unused"
 _DONE_MARKER = b"data: [DONE]"
+# a finish reason that stops the answer short; a quote inside text is escaped, so no text matches
+_STOPPED_EARLY = re.compile(rb'"finish_reason"\s*:\s*"(length|content_filter)"')
+# bytes kept from one piece to the next, so that a marker split between two is still seen
+_TAIL_BYTES = 64
 
 
 class DefaultModelProvider(OpenAIProvider):
@@ -51,14 +61,35 @@ class TruncatedModelStream(httpx2.RemoteProtocolError):
     """A Chat Completions stream ended without `data: [DONE]`."""
 
 
-class _RequireDone(httpx2.AsyncByteStream):
+class ModelAnswerIncompleteError(Exception):
+    """The model stopped its answer early: `finish_reason` `length` or `content_filter`."""
+
+    def __init__(self, finish_reason: str) -> None:
+        super().__init__(f"the model stopped its answer early (finish_reason {finish_reason})")
+        self.finish_reason = finish_reason
+        # as the SDK marks its own terminal failures: the run's queued events (the last text
+        # deltas) reach the caller before the error does, or the answer would lose its tail
+        _mark_error_to_drain_stream_events(self)
+
+
+class _RequireWholeAnswer(httpx2.AsyncByteStream):
     def __init__(self, inner: httpx2.AsyncByteStream) -> None:
         self._inner = inner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         tail = b""
+        stopped_early: bytes | None = None
         async for piece in self._inner:
-            tail = (tail + piece)[-64:]
+            window = tail + piece
+            if stopped_early is None and b"finish_reason" in window:
+                found = _STOPPED_EARLY.search(window)
+                stopped_early = found.group(1) if found else None
+            if stopped_early is not None and _DONE_MARKER in window:
+                # before the client reads [DONE]: after it, the openai client only drains the
+                # body, swallowing errors, and the run would end as if the answer were whole
+                yield piece[: max(0, piece.find(_DONE_MARKER))]
+                raise ModelAnswerIncompleteError(stopped_early.decode())
+            tail = window[-_TAIL_BYTES:]
             yield piece
         if not tail.rstrip().endswith(_DONE_MARKER):
             raise TruncatedModelStream("the Chat Completions stream ended without [DONE]")
@@ -68,7 +99,8 @@ class _RequireDone(httpx2.AsyncByteStream):
 
 
 class CompleteStreamsOnly(httpx2.AsyncBaseTransport):
-    """Passes requests to `inner`; streamed Chat Completions answers must end with [DONE]."""
+    """Passes requests to `inner`; streamed Chat Completions answers must end with [DONE],
+    and not stopped early."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
@@ -78,7 +110,7 @@ class CompleteStreamsOnly(httpx2.AsyncBaseTransport):
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         if streamed and request.url.path.endswith("/chat/completions"):
             assert isinstance(response.stream, httpx2.AsyncByteStream)
-            response.stream = _RequireDone(response.stream)
+            response.stream = _RequireWholeAnswer(response.stream)
         return response
 
     async def aclose(self) -> None:

@@ -58,6 +58,7 @@ _DELTA_HEAD = (
     b'{"type":"response.output_text.delta","sequence_number":'
 )
 _JSON_HEADERS = [("content-type", "application/json")]
+_TOKEN_LIMIT = {"reason": "max_output_tokens"}  # a Response's incomplete_details at `[length]`
 _SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
 # What a request came to, and how it ended (`ModelRequestRecord.outcome`).
@@ -67,6 +68,7 @@ FAILED = "failed"  # `[error]`: response.failed / an error chunk / a failed or 5
 REJECTED = "rejected"  # an HTTP error status and no body (`status` says which)
 DROPPED = "dropped"  # `[drop]`: the emulator cut the connection
 NO_END = "noend"  # `[noend]`: the body ended cleanly without the terminal event
+INCOMPLETE = "incomplete"  # `[length]`: stopped at the output token limit, and said so
 CLIENT_CLOSED = "client_closed"  # the client left before the body ended (`client_left_at`)
 INTERRUPTED = "interrupted"  # the emulator shut down mid-stream
 
@@ -162,7 +164,11 @@ def plan_turn(request: ModelInput) -> ModelTurn:
 
 def _failure(reply: Reply) -> tuple[str, int] | None:
     """The way the stream ends early, and after how many deltas; ChatKit's precedence."""
-    for kind, after in ((FAILED, reply.fail_after), (NO_END, reply.end_after)):
+    for kind, after in (
+        (FAILED, reply.fail_after),
+        (NO_END, reply.end_after),
+        (INCOMPLETE, reply.length_after),
+    ):
         if after is not None and after < len(reply.chunks):
             return kind, after
     if reply.drop_after is not None and reply.drop_after < len(reply.chunks):
@@ -353,6 +359,12 @@ class ModelApi:
                         "response.failed", response=response("failed", [partial], error=error)
                     )
                     return
+                if failure[0] == INCOMPLETE:
+                    self._end(record, INCOMPLETE)
+                    partial = _message_item(item_id, text, "incomplete")
+                    stopped = response("incomplete", [partial], incomplete_details=_TOKEN_LIMIT)
+                    yield event("response.incomplete", response=stopped)
+                    return
                 self._end(record, NO_END)
                 return
             yield event("response.output_text.done", **location, text=text, logprobs=[])
@@ -433,6 +445,15 @@ class ModelApi:
                     }
                     yield b"data: %b\n\n" % _dumps({"error": error})
                     return
+                if failure[0] == INCOMPLETE:
+                    self._end(record, INCOMPLETE)
+                    yield chunk({}, "length")
+                    if request.include_usage:
+                        yield _chat_chunk(
+                            completion_id, created, request.model, [], usage=_chat_usage(turn)
+                        )
+                    yield b"data: [DONE]\n\n"
+                    return
                 self._end(record, NO_END)
                 return
             for index, (name, arguments) in enumerate(turn.calls):
@@ -487,13 +508,21 @@ class ModelApi:
             error = {"code": "server_error", "message": MODEL_ERROR_MESSAGE}
             failed = _response_object(request, response_id, created, "failed", [], error=error)
             return HttpResponse(200, headers, _dumps(failed))
-        # `[noend]` has no meaning without a stream: the answer is whole.
+        # `[noend]` has no meaning without a stream: the answer is whole; at `[length]` it
+        # stops at the token limit, before any call
+        stopped = failure is not None and failure[0] == INCOMPLETE
+        if failure is not None and stopped:
+            text = "".join(reply.chunks[: failure[1]])
+            turn = ModelTurn(reply, (), turn.input_tokens)
+            record.output_tokens = failure[1]
+        else:
+            record.output_tokens = turn.output_tokens
         record.output = _output_pairs(text, turn.calls)
-        record.output_tokens = turn.output_tokens
-        self._end(record, COMPLETED)
+        self._end(record, INCOMPLETE if stopped else COMPLETED)
         if api == RESPONSES:
             response_id = record.response_id = f"resp_{secrets.token_hex(24)}"
-            output = [_message_item(f"msg_{secrets.token_hex(24)}", text, "completed")]
+            status = "incomplete" if stopped else "completed"
+            output = [_message_item(f"msg_{secrets.token_hex(24)}", text, status)]
             for name, arguments in turn.calls:
                 call_id = f"call_{secrets.token_hex(16)}"
                 output.append(
@@ -503,10 +532,11 @@ class ModelApi:
                 request,
                 response_id,
                 created,
-                "completed",
+                status,
                 output,
                 usage=_responses_usage(turn),
-                completed_at=created,
+                completed_at=None if stopped else created,
+                incomplete_details=_TOKEN_LIMIT if stopped else None,
             )
             return HttpResponse(200, headers, _dumps(answer))
         completion_id = record.response_id = f"chatcmpl-{secrets.token_hex(16)}"
@@ -535,7 +565,9 @@ class ModelApi:
                     "index": 0,
                     "message": message,
                     "logprobs": None,
-                    "finish_reason": "tool_calls" if turn.calls else "stop",
+                    "finish_reason": "length"
+                    if stopped
+                    else ("tool_calls" if turn.calls else "stop"),
                 }
             ],
             "usage": _chat_usage(turn),
@@ -742,6 +774,7 @@ def _response_object(
     error: dict[str, Any] | None = None,
     usage: dict[str, Any] | None = None,
     completed_at: int | None = None,
+    incomplete_details: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A Response object; the request's own settings are echoed back as the API does."""
     settings = request.settings
@@ -753,7 +786,7 @@ def _response_object(
         "background": False,
         "completed_at": completed_at,
         "error": error,
-        "incomplete_details": None,
+        "incomplete_details": incomplete_details,
         "instructions": settings.get("instructions"),
         "max_output_tokens": settings.get("max_output_tokens"),
         "max_tool_calls": None,

@@ -25,6 +25,9 @@ last user message of the request's input:
 | `[huge]`      | ChatKit: after two chunks, one 9 MiB line                                      |
 | `[noend]`     | ChatKit and model APIs: after two chunks the body ends cleanly, without the   |
 |               | closing events (Responses: no terminal event; chat: no finish chunk, no DONE) |
+| `[length]`    | model APIs: after two chunks the answer stops at the output token limit       |
+|               | (Responses: `response.incomplete`, reason `max_output_tokens`; chat:          |
+|               | `finish_reason: length`, then `[DONE]`)                                       |
 | `[slow]`      | the first byte is delayed (HEALTHAGENT_EMULATOR_SLOW_FIRST_BYTE_SECONDS)      |
 | `[http NNN]`  | the conversation or model request is answered with HTTP NNN and the error     |
 |               | envelope (429 carries `Retry-After: 2`)                                       |
@@ -87,6 +90,7 @@ class Reply:
     stall_after: int | None = None  # stall (slow_first_byte_seconds) after this many chunks
     huge_after: int | None = None  # emit one oversized line after this many chunks
     end_after: int | None = None  # end the body cleanly after this many chunks
+    length_after: int | None = None  # model APIs: stop at the token limit after this many
     no_data_prefix: bool = False  # send the closing events without `data:`
     drop_after: int | None = None  # cut the connection after this many chunks
     slow_first_byte: bool = False
@@ -146,6 +150,7 @@ def plan_reply(
         stall_after=CHUNKS_BEFORE_FAILURE if "[stall]" in lowered else None,
         huge_after=CHUNKS_BEFORE_FAILURE if "[huge]" in lowered else None,
         end_after=CHUNKS_BEFORE_FAILURE if "[noend]" in lowered else None,
+        length_after=CHUNKS_BEFORE_FAILURE if "[length]" in lowered else None,
         no_data_prefix="[nodata]" in lowered,
         slow_first_byte="[slow]" in lowered,
         http_status=int(http.group(1)) if http else (429 if "[ratelimit]" in lowered else None),
