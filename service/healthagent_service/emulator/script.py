@@ -20,8 +20,8 @@ last user message of the request's input:
 | `[fatal]`     | ChatKit: after two chunks a non-retryable `error` event (code `custom`)       |
 | `[malformed]` | ChatKit: after two chunks an event that is not JSON                           |
 | `[drop]`      | after two chunks the connection is cut without finishing the response         |
-| `[stall]`     | after two chunks the stream stalls (HEALTHAGENT_EMULATOR_SLOW_FIRST_BYTE_  |
-|               | SECONDS)                                                                      |
+| `[stall]`     | after two chunks the stream stalls for                                        |
+|               | HEALTHAGENT_EMULATOR_SLOW_FIRST_BYTE_SECONDS                                  |
 | `[nodata]`    | ChatKit: the closing events are sent without their `data:` prefix             |
 | `[huge]`      | ChatKit: after two chunks, one 9 MiB line                                      |
 | `[noend]`     | ChatKit and model APIs: after two chunks the body ends cleanly, without the   |
