@@ -15,14 +15,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import start_serve
 from bench.soak import run_soak
+from harness.processes import start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.memory import limit_malloc_arenas
-from tests.conftest import Service
-from tests.test_cancellation import wait_for
+from tests.support.calls import wait_for
+from tests.support.service import Service
 
 
 async def run_streams_through_sigterm(grace: str, chunks: int) -> tuple[Counter[str], Any]:

@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
-from bench.processes import EmulatorProcess, start_emulator_process, start_serve
+from harness.processes import EmulatorProcess, start_emulator_process, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     EmulatorProcess,
     ServeProcess,
