@@ -82,6 +82,7 @@ async def test_two_replicas_take_turns_on_one_conversation(
                 assert replica.terminate() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_kill_9_mid_turn_leaves_a_consistent_history(backend: str, tmp_path: Path) -> None:
     emulator = start_emulator_process(chunk_delay_ms="20")

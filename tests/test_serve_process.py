@@ -221,6 +221,7 @@ def test_the_default_sixteen_grpc_servers_share_the_port_and_all_serve(
             assert events[-1].WhichOneof("event") == "response_done"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True], ids=["after-one-server", "after-shared"])
 def test_serve_restarts_on_a_port_where_old_connections_linger(shared: bool) -> None:
     # TIME_WAIT made on purpose: which side of a real connection closes first is a race
