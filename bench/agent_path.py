@@ -51,7 +51,7 @@ from bench.performance import (
     phase_result,
     tree_cpu_seconds,
 )
-from bench.processes import (
+from harness.processes import (
     AgentServerProcess,
     EmulatorProcess,
     ServeProcess,

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import grpc
 import httpx
 
-from bench.processes import start_emulator_process, start_serve
+from harness.processes import start_emulator_process, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 

@@ -61,7 +61,7 @@ from bench.performance import (
     system_cpu_seconds,
     tree_cpu_seconds,
 )
-from bench.processes import (
+from harness.processes import (
     EmulatorProcess,
     ServeProcess,
     free_port,

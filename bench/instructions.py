@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.clients import GrpcTurns
 from bench.performance import WORKFLOW, load_test_env
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     clean_env,
     free_port,

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
-from bench.processes import (
+from harness.processes import (
     EmulatorProcess,
     ServeProcess,
     free_port,

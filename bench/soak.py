@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import httpx
 
-from bench.processes import (
+from harness.processes import (
     start_emulator_process,
     start_serve,
     tree_open_files,

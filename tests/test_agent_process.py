@@ -12,12 +12,12 @@ import time
 import grpc
 import pytest
 
-from bench.processes import HEALTHAGENT, clean_env, start_serve
+from harness.processes import HEALTHAGENT, clean_env, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.agent_process import AGENT_EXTRA_INSTALL
 from healthagent_service.config import UpstreamKind
-from tests.conftest import make_settings
+from tests.support.service import make_settings
 
 
 def _children(pid: int) -> list[int]:

@@ -21,7 +21,8 @@ from healthagent_service.config import DEFAULT_AGENT_TOKEN_AUDIENCE
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME
 from healthagent_service.security.agent_tokens import issue_agent_token
-from tests.agents import (
+from tests.peers.custom_agents import CUSTOM_INSTRUCTIONS, REFUSED_WORD, WITHDRAWN_WORD
+from tests.support.agents import (
     SERVICE_AUTH,
     TOKEN_SECRET,
     AgentFactory,
@@ -33,8 +34,8 @@ from tests.agents import (
     user_input,
     user_messages,
 )
-from tests.conftest import ServiceFactory, collect, event_kinds, status_details
-from tests.peers.custom_agents import CUSTOM_INSTRUCTIONS, REFUSED_WORD, WITHDRAWN_WORD
+from tests.support.calls import collect, event_kinds, status_details
+from tests.support.service import ServiceFactory
 
 
 def _done(events: list[pb.ChatResponse]) -> pb.ResponseDone:

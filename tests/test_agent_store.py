@@ -15,7 +15,7 @@ from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadM
 from healthagent_service.agent.database import PostgresDatabase, SqliteDatabase
 from healthagent_service.agent.thread_store import RequestContext, ThreadStore
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.agents import (
+from tests.support.agents import (
     SERVICE_AUTH,
     AgentFactory,
     chatkit_request,
@@ -23,7 +23,7 @@ from tests.agents import (
     user_input,
     user_messages,
 )
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 ALICE = RequestContext("alice", "service")
 MALLORY = RequestContext("mallory", "service")

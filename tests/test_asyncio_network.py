@@ -17,8 +17,8 @@ import pytest
 
 from healthagent_service.upstream.asyncio_network import asyncio_transport
 from healthagent_service.upstream.http_clients import ShardedHttpClient
-from tests.loopback_server import listening
-from tests.test_tls import Pki
+from tests.support.loopback_server import listening
+from tests.support.pki import Pki
 
 # 16 MiB: more than loopback's socket buffers and the reader's 256 KiB limit together
 BIG_BODY = bytes(range(256)) * 4096 * 16

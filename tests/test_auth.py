@@ -19,14 +19,8 @@ from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.http_server import HttpRequest, HttpResponse, HttpServer
 from healthagent_service.security.auth import hash_api_key
 from healthagent_service.server import check_exposure
-from tests.conftest import (
-    Service,
-    ServiceFactory,
-    collect,
-    emulator_env,
-    make_settings,
-    status_details,
-)
+from tests.support.calls import collect, status_details
+from tests.support.service import Service, ServiceFactory, emulator_env, make_settings
 
 JWT_SECRET = "supabase-jwt-secret-for-tests-0123456789"
 ISSUER = "https://project.supabase.co/auth/v1"
@@ -251,7 +245,7 @@ async def test_python_client_and_cli_send_the_token(secured: Service) -> None:
     import asyncio
     import subprocess
 
-    from bench.processes import HEALTHAGENT, clean_env
+    from harness.processes import HEALTHAGENT, clean_env
     from healthagent.client import AsyncHealthAgentClient
 
     async with AsyncHealthAgentClient(secured.target, token=token("frank")) as client:

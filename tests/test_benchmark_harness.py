@@ -29,6 +29,7 @@ FIGURES = (  # of bench.instructions
 )
 
 
+@pytest.mark.slow
 def test_harness_reports_every_figure(tmp_path: Path) -> None:
     concurrencies = [1, 3]
     finished = subprocess.run(
@@ -157,6 +158,7 @@ def test_harness_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_instruction_counts_report_every_figure(tmp_path: Path) -> None:
     """`bench.instructions` at a tiny size: both servers counted under callgrind (on every
     machine kind), every figure a positive count, the ratios of the two."""
@@ -199,6 +201,7 @@ def test_instruction_counts_report_every_figure(tmp_path: Path) -> None:
     assert "| healthagent / bare |" in finished.stdout
 
 
+@pytest.mark.slow
 async def test_the_ceiling_streams_the_same_messages_as_healthagent() -> None:
     """The bare server must send what HealthAgent sends for the same turn (the same number and
     size of messages), or the CPU ratio compares unlike work."""

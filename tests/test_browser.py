@@ -17,8 +17,8 @@ import pytest
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.browser import chromium, chromium_version
-from tests.conftest import ServiceFactory, emulator_env
+from tests.support.browser import chromium, chromium_version
+from tests.support.service import ServiceFactory, emulator_env
 
 if TYPE_CHECKING:
     from playwright.async_api import Page

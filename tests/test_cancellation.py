@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from pathlib import Path
 
 import grpc
@@ -14,17 +13,8 @@ import pytest
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import Service, ServiceFactory, emulator_env, status_details
-
-
-async def wait_for(predicate: object, timeout: float = 3.0) -> float:
-    """Seconds until `predicate()` held; fails after `timeout`."""
-    started = time.monotonic()
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"condition not reached in {timeout} s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
+from tests.support.calls import status_details, wait_for
+from tests.support.service import Service, ServiceFactory, emulator_env
 
 
 async def test_client_cancel_closes_the_upstream_request(

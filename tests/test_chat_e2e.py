@@ -17,7 +17,8 @@ from healthagent.client import AsyncHealthAgentClient, HealthAgentClient
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME, parse_stamp
-from tests.conftest import TEST_WORKFLOW, Service, ServiceFactory, collect, event_kinds
+from tests.support.calls import collect, event_kinds
+from tests.support.service import TEST_WORKFLOW, Service, ServiceFactory
 
 
 def assistant_text(events: list[pb.ChatResponse]) -> str:
@@ -177,7 +178,7 @@ async def test_rejected_pooled_secret_is_reminted_once(
     # Cancel the pooled session upstream, with the official cancel endpoint: its secret dies.
     import httpx
 
-    from tests.conftest import TEST_API_KEY
+    from tests.support.service import TEST_API_KEY
 
     async with httpx.AsyncClient() as http:
         cancelled = await http.post(

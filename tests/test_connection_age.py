@@ -9,7 +9,8 @@ import grpc
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import ServiceFactory, collect, emulator_env
+from tests.support.calls import collect
+from tests.support.service import ServiceFactory, emulator_env
 
 
 async def _state_after(channel: grpc.aio.Channel, seconds: float) -> grpc.ChannelConnectivity:

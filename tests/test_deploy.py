@@ -36,11 +36,11 @@ import yaml
 from compose_spec import PyCompose
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port, wait_serving
+from harness.processes import free_port, wait_serving
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
-from tests.podman import AGENT_IMAGE, SERVICE_IMAGE, Podman, require_podman
-from tests.stores import POSTGRES_DSN, require_postgres
+from tests.support.podman import AGENT_IMAGE, SERVICE_IMAGE, Podman, require_podman
+from tests.support.stores import POSTGRES_DSN, require_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

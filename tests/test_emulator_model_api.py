@@ -33,7 +33,7 @@ from openai.types.responses import ResponseCompletedEvent, ResponseTextDeltaEven
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.model_api import ModelRequestRecord
 from healthagent_service.emulator.script import parse_stamp, requested_calls
-from tests.conftest import TEST_API_KEY
+from tests.support.service import TEST_API_KEY
 
 MODEL = "gpt-emulated"
 HELLO_REPLY = "You said: hello. This reply comes from the HealthAgent emulator."

@@ -14,8 +14,8 @@ import pytest
 
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.upstream.chatkit import FORWARDED_USER_HEADER
-from tests.conftest import TEST_API_KEY, TEST_WORKFLOW
 from tests.peers.chatkit_reference import ReferenceServer
+from tests.support.service import TEST_API_KEY, TEST_WORKFLOW
 
 _ID = re.compile(rb"\b(thr|msg|tc|call|cksess)_[0-9a-f]+")
 _TIMESTAMP = re.compile(rb'"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?"')

@@ -11,14 +11,8 @@ import pytest
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import (
-    Service,
-    ServiceFactory,
-    collect,
-    emulator_env,
-    event_kinds,
-    status_details,
-)
+from tests.support.calls import collect, event_kinds, status_details
+from tests.support.service import Service, ServiceFactory, emulator_env
 
 Code = grpc.StatusCode
 

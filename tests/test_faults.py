@@ -14,9 +14,10 @@ import pytest
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import plan_reply
-from tests.conftest import ServiceFactory, emulator_env, event_kinds, status_details
-from tests.loopback_server import listening
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.calls import event_kinds, status_details
+from tests.support.loopback_server import listening
+from tests.support.service import ServiceFactory, emulator_env
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ALL_CHUNKS = -1

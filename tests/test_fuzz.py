@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.processes import ServeProcess, start_serve
+from harness.processes import ServeProcess, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api.converter import timestamp

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     ServeProcess,
     clean_env,
@@ -20,7 +20,7 @@ from bench.processes import (
     port_sockets,
     start_serve,
 )
-from tests.test_tls import Pki
+from tests.support.pki import Pki
 
 
 def health(*arguments: str, **env: str) -> subprocess.CompletedProcess[str]:

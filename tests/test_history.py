@@ -15,14 +15,9 @@ import pytest
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import (
-    TEST_API_KEY,
-    ServiceFactory,
-    collect,
-    emulator_env,
-    status_details,
-)
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.calls import collect, status_details
+from tests.support.service import TEST_API_KEY, ServiceFactory, emulator_env
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

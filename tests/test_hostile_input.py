@@ -15,8 +15,9 @@ import pytest
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import Service, ServiceFactory, collect, emulator_env, status_details
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.calls import collect, status_details
+from tests.support.service import Service, ServiceFactory, emulator_env
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,12 +13,13 @@ import pytest
 import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import start_serve
+from harness.processes import start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import ServiceFactory, collect, emulator_env, status_details
-from tests.stores import throwaway_redis
+from tests.support.calls import collect, status_details
+from tests.support.service import ServiceFactory, emulator_env
+from tests.support.stores import throwaway_redis
 
 REDIS_URL = os.environ.get("HEALTHAGENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from healthagent_service.listen import reserve_port
-from tests.sockets import bound_socket, leave_time_wait
+from tests.support.sockets import bound_socket, leave_time_wait
 
 
 def test_a_reserved_port_refuses_every_bind_but_a_sharing_listener() -> None:

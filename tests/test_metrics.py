@@ -8,7 +8,8 @@ import pytest
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import TEST_API_KEY, ServiceFactory, collect, emulator_env
+from tests.support.calls import collect
+from tests.support.service import TEST_API_KEY, ServiceFactory, emulator_env
 
 
 def value(metrics: str, name: str) -> float:

@@ -20,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import ServiceFactory, collect, emulator_env, status_details
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.calls import collect, status_details
+from tests.support.service import ServiceFactory, emulator_env
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 
 def assert_history_unavailable(error: grpc.aio.AioRpcError) -> None:

@@ -1,4 +1,5 @@
-"""The public contract: buf lint and format are clean, and the committed stubs match protos/."""
+"""The public contract: buf lint and format are clean, nothing breaks compatibility with the last
+landed commit, and the committed stubs match protos/."""
 
 from __future__ import annotations
 
@@ -35,10 +36,43 @@ def test_buf_format(buf: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def git(*args: str) -> str:
+    """`git ARGS` in the repository: its output, or "" when it fails."""
+    result = run("git", *args)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def last_landed_commit() -> str:
+    """The commit this tree should stay compatible with: where the branch left main (origin's,
+    else the local one); on main itself, or in CI's fresh clone of it whose HEAD is the commit
+    under test, the commit before HEAD. "" when there is none (the first commit, or no git
+    checkout at all)."""
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return ""
+    for mainline in ("origin/main", "main"):
+        fork = git("merge-base", "HEAD", mainline)
+        if fork and fork != head:
+            return fork
+    return git("rev-parse", "--verify", "--quiet", "HEAD^")
+
+
+def test_buf_breaking_against_the_last_landed_commit(buf: str) -> None:
+    base = last_landed_commit()
+    if not base and git("rev-parse", "--is-shallow-repository") == "true":
+        message = "a shallow clone without the commit before HEAD: `git fetch --deepen=1`"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # tests/run deepens a shallow clone: this is a real fault
+        pytest.skip(message)
+    if not base:
+        pytest.skip("no commit landed before HEAD (or no git checkout here)")
+    result = run(buf, "breaking", "--against", f".git#ref={base}")
+    assert result.returncode == 0, f"against {base}:\n{result.stdout}{result.stderr}"
+
+
 def test_buf_breaking_catches_a_breaking_change(buf: str, tmp_path: Path) -> None:
-    # The breaking check compares against the last landed commit in CI
-    # (buf breaking --against '.git#branch=main'); here it must pass for an unchanged copy and
-    # fail once a field changes type, which proves the `breaking` section is in force.
+    # The check above can only fail if buf.yaml's `breaking` rules are in force: an unchanged
+    # copy passes, and one whose field changed type does not.
     shutil.copytree(ROOT / "protos", tmp_path / "protos")
     shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
     unchanged = subprocess.run(

@@ -18,16 +18,8 @@ from healthagent_service.emulator.realtime_emulator import (
     RealtimeEmulatorConfig,
 )
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME
-from tests.conftest import (
-    TEST_API_KEY,
-    Service,
-    ServiceFactory,
-    collect,
-    emulator_env,
-    event_kinds,
-    status_details,
-)
-from tests.test_cancellation import wait_for
+from tests.support.calls import collect, event_kinds, status_details, wait_for
+from tests.support.service import TEST_API_KEY, Service, ServiceFactory, emulator_env
 
 
 def realtime_env(emulator: ChatKitEmulator, **overrides: Any) -> dict[str, Any]:
@@ -384,7 +376,7 @@ async def test_handshake_never_sends_the_beta_header(
 async def test_unreachable_realtime_is_retried_with_backoff_then_unavailable(
     emulator: ChatKitEmulator, start_service: ServiceFactory
 ) -> None:
-    from bench.processes import free_port
+    from harness.processes import free_port
 
     service = await start_service(
         **realtime_env(emulator, OPENAI_REALTIME_URL=f"ws://127.0.0.1:{free_port()}/v1/realtime")

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.realtime_emulator import RealtimeEmulatorConfig
-from tests.conftest import TEST_API_KEY
+from tests.support.service import TEST_API_KEY
 
 
 def url(emulator: ChatKitEmulator, model: str = "gpt-realtime") -> str:

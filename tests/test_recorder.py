@@ -19,7 +19,7 @@ from healthagent_service.upstream.events import (
     TextDelta,
     TextDone,
 )
-from tests.stores import open_store
+from tests.support.stores import open_store
 
 TURN = ChatTurn(user="alice", device_id="", message="How did I sleep?")
 SESSION = SessionStarted("cksess_1", "thr_1", "alice", "wf_1")

@@ -15,14 +15,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import start_serve
 from bench.soak import run_soak
+from harness.processes import start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.memory import limit_malloc_arenas
-from tests.conftest import Service
-from tests.test_cancellation import wait_for
+from tests.support.calls import wait_for
+from tests.support.service import Service
 
 
 async def run_streams_through_sigterm(grace: str, chunks: int) -> tuple[Counter[str], Any]:
@@ -77,6 +77,7 @@ async def run_streams_through_sigterm(grace: str, chunks: int) -> tuple[Counter[
     return outcomes, server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("grace", "chunks", "expected"),
     # 100 chunks 30 ms apart end well inside a 20 s grace period; 400 cannot end inside 0.5 s
@@ -90,6 +91,7 @@ async def test_sigterm_with_200_streams_in_flight(grace: str, chunks: int, expec
     assert "Traceback" not in log and "shutting down" in log
 
 
+@pytest.mark.slow
 async def test_short_soak_with_injected_drops() -> None:
     report = await run_soak(streams=100, seconds=10, drop_fraction=0.05, warmup_seconds=3)
     assert report.turns > 300 and report.drops_injected > 0

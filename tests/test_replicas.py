@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
-from bench.processes import EmulatorProcess, start_emulator_process, start_serve
+from harness.processes import EmulatorProcess, start_emulator_process, start_serve
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
-from tests.stores import POSTGRES_DSN, postgres_schema
+from tests.support.stores import POSTGRES_DSN, postgres_schema
 
 
 @pytest.fixture
@@ -82,6 +82,7 @@ async def test_two_replicas_take_turns_on_one_conversation(
                 assert replica.terminate() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_kill_9_mid_turn_leaves_a_consistent_history(backend: str, tmp_path: Path) -> None:
     emulator = start_emulator_process(chunk_delay_ms="20")

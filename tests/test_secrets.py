@@ -14,7 +14,7 @@ import grpc
 import jwt
 import pytest
 
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     EmulatorProcess,
     ServeProcess,

@@ -9,8 +9,9 @@ import grpc
 import pytest
 
 from healthagent.v1 import health_agent_pb2 as pb
-from tests.conftest import ServiceFactory, collect, event_kinds, status_details
 from tests.peers.chatkit_reference import TITLE, ReferenceServer
+from tests.support.calls import collect, event_kinds, status_details
+from tests.support.service import ServiceFactory
 
 AUTH = ("X-ChatKit-Key", "self-hosted-secret")
 

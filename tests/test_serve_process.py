@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     ServeProcess,
     clean_env,
@@ -28,7 +28,7 @@ from bench.processes import (
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
-from tests.sockets import leave_time_wait
+from tests.support.sockets import leave_time_wait
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
@@ -221,6 +221,7 @@ def test_the_default_sixteen_grpc_servers_share_the_port_and_all_serve(
             assert events[-1].WhichOneof("event") == "response_done"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True], ids=["after-one-server", "after-shared"])
 def test_serve_restarts_on_a_port_where_old_connections_linger(shared: bool) -> None:
     # TIME_WAIT made on purpose: which side of a real connection closes first is a race

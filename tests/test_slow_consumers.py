@@ -12,8 +12,8 @@ import pytest
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import ServiceFactory, emulator_env, status_details
-from tests.test_cancellation import wait_for
+from tests.support.calls import status_details, wait_for
+from tests.support.service import ServiceFactory, emulator_env
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import pytest
 
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import SSEClient, SSEResponse
-from tests.loopback_server import listening
-from tests.test_tls import Pki
+from tests.support.loopback_server import listening
+from tests.support.pki import Pki
 
 EVENTS = [json.dumps({"n": index, "text": "é" * (index % 3)}).encode() for index in range(40)]
 SSE_BODY = b"".join(b"data: " + data + b"\n\n" for data in EVENTS)

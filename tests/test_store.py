@@ -17,7 +17,7 @@ from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
 from healthagent_service.history.sqlite_store import SQLiteStore
 from healthagent_service.history.store import ConversationStore
-from tests.stores import open_store
+from tests.support.stores import open_store
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -161,7 +161,7 @@ async def test_revocations_missed_while_the_listener_was_down_are_applied(
     import asyncpg
 
     from healthagent_service.history.postgres_store import LISTENER_APPLICATION_NAME
-    from tests.stores import POSTGRES_DSN
+    from tests.support.stores import POSTGRES_DSN
 
     async with open_store("postgres", tmp_path) as first:
         heard: list[str] = []

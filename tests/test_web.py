@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
-from tests.conftest import Service, ServiceFactory, emulator_env
-from tests.web_clients import TEXT, WebReply, grpc_web, sse
+from tests.support.service import Service, ServiceFactory, emulator_env
+from tests.support.web_clients import TEXT, WebReply, grpc_web, sse
 
 API_KEY = "web-test-api-key"
 API_KEYS = [{"principal": "web", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from bench.processes import (
+from harness.processes import (
     HEALTHAGENT,
     EmulatorProcess,
     ServeProcess,
@@ -123,6 +123,7 @@ def test_a_revocation_on_one_worker_empties_the_other_workers_pool(
     print(f"the other worker stopped handing it out {time.monotonic() - revoked_at:.2f} s later")
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_replaced(
     workers: ServeProcess, stub_per_worker: dict[str, pb_grpc.HealthAgentStub]
 ) -> None:
@@ -240,6 +241,7 @@ def test_a_second_group_of_workers_cannot_share_the_port(
     assert "Address already in use" in second.stdout + second.stderr
 
 
+@pytest.mark.slow
 def test_workers_that_keep_dying_stop_the_supervisor(
     emulator: EmulatorProcess, tmp_path: Path
 ) -> None:

@@ -15,7 +15,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.agent.app import RunningAgentServer, start_agent_server
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.model_api import ModelRequestRecord
-from tests.conftest import TEST_API_KEY, Service, ServiceFactory, make_settings
+from tests.support.service import TEST_API_KEY, Service, ServiceFactory, make_settings
 
 SERVICE_AUTH = ("Authorization", "Bearer service-credential-of-the-tests")
 TOKEN_SECRET = "token-secret-of-the-tests-0123456789abcdef"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from bench.processes import TIME_WAIT, port_sockets
+from harness.processes import TIME_WAIT, port_sockets
 
 
 def bound_socket(port: int, *, reuse_address: bool, reuse_port: bool) -> socket.socket:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 BASE_IMAGE = "localhost/healthagent-base:bookworm"
 SERVICE_IMAGE = "localhost/healthagent:test"
