@@ -133,5 +133,5 @@ def test_the_agent_server_refuses_to_listen_off_loopback_without_the_credential(
 )
 def test_a_key_alone_means_the_agent(env: dict[str, str], upstream: UpstreamKind) -> None:
     settings = make_settings(**env)
-    assert settings.effective_upstream is upstream
-    assert settings.supervises_agent is (upstream is UpstreamKind.AGENT)
+    assert settings.upstream.effective_kind is upstream
+    assert settings.upstream.supervises_agent is (upstream is UpstreamKind.AGENT)

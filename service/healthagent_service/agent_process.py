@@ -76,14 +76,14 @@ class AgentProcess:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._port = _free_loopback_port()
-        if settings.chatkit_auth_header is not None:
-            name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+        if settings.upstream.chatkit_auth_header is not None:
+            name, _, value = settings.upstream.chatkit_auth_header.get_secret_value().partition(":")
             auth = (name.strip(), value.strip())
         else:
             auth = ("Authorization", f"Bearer {secrets.token_urlsafe(32)}")
         secret = (
-            settings.agent_token_secret.get_secret_value()
-            if settings.agent_token_secret is not None
+            settings.agent.token_secret.get_secret_value()
+            if settings.agent.token_secret is not None
             else secrets.token_urlsafe(48)
         )
         self.endpoint = AgentEndpoint(f"http://127.0.0.1:{self._port}/chatkit", auth, secret)
@@ -187,7 +187,7 @@ class AgentProcess:
         process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(
-                process.wait(), _STOP_SECONDS + self._settings.shutdown_grace_seconds
+                process.wait(), _STOP_SECONDS + self._settings.server.shutdown_grace_seconds
             )
         except TimeoutError:
             process.kill()

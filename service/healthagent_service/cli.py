@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import secrets
 import sys
 from collections.abc import Sequence
@@ -218,8 +217,8 @@ def _health(options: argparse.Namespace, settings: Settings) -> int:
     Kubernetes exec probe's health check; no extra binary needed)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = options.target or _health_target(settings.listen)
-    tls = options.tls if options.tls is not None else settings.tls_cert_file is not None
+    target = options.target or _health_target(settings.server.listen)
+    tls = options.tls if options.tls is not None else settings.tls.cert_file is not None
     if tls:
 
         def read(path: str | None) -> bytes | None:
@@ -254,29 +253,22 @@ def _health(options: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _setting_of(error: SettingsError) -> str:
-    """The environment variable a settings error is about (pydantic names the field)."""
-    field = re.search(r'field "(\w+)"', str(error))
-    info = Settings.model_fields.get(field.group(1)) if field else None
-    return (info.alias if info is not None else None) or "(unknown)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `healthagent` console script."""
     options = _parser().parse_args(argv)
     try:
-        settings = Settings()
+        settings = Settings.from_environment()
     except ValidationError as error:
         for problem in error.errors():
             setting = ".".join(str(part) for part in problem["loc"])
             print(f"healthagent: invalid setting {setting}: {problem['msg']}", file=sys.stderr)
         return 2
-    except SettingsError as error:  # a JSON setting that is not JSON
-        print(f"healthagent: invalid setting {_setting_of(error)}: not valid JSON", file=sys.stderr)
+    except SettingsError as error:  # a JSON setting that is not JSON; the error names it
+        print(f"healthagent: invalid setting {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log.format, settings.log.level)
     needs_agent = options.command == "agent" or (
-        options.command == "serve" and settings.supervises_agent
+        options.command == "serve" and settings.upstream.supervises_agent
     )
     if needs_agent:
         from healthagent_service.agent_process import missing_agent_extra
@@ -299,22 +291,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if options.command == "serve":
             if options.workers is not None:
-                settings.workers = options.workers
+                settings.server.workers = options.workers
             if options.http is not None:
-                settings.http_listen = options.http
-            if settings.workers > 1 and settings.worker_index is None:
+                settings.http.listen = options.http
+            if settings.server.workers > 1 and settings.server.worker_index is None:
                 from healthagent_service.workers import run_workers
 
                 return run_workers(settings, options.listen)
-            if settings.worker_index is not None:
+            if settings.server.worker_index is not None:
                 from healthagent_service.workers import follow_supervisor
 
                 follow_supervisor()
-                structlog.contextvars.bind_contextvars(worker=settings.worker_index)
-            limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
+                structlog.contextvars.bind_contextvars(worker=settings.server.worker_index)
+            limit_malloc_arenas(settings.tuning.malloc_arenas)  # before gRPC starts its threads
             from healthagent_service.server import serve
 
-            tune_garbage_collector(settings.gc_gen0_threshold)
+            tune_garbage_collector(settings.tuning.gc_gen0_threshold)
             asyncio.run(serve(settings, options.listen))
             return 0
         if options.command == "chat":

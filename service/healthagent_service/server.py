@@ -97,16 +97,20 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The gRPC server's channel arguments for these settings."""
     options = dict(GRPC_SERVER_OPTIONS)
     # Requests are small: refuse big ones before they are parsed.
-    options["grpc.max_receive_message_length"] = max(256 * 1024, 4 * settings.max_message_bytes)
-    if settings.worker_index is not None or settings.grpc_servers > 1:
+    options["grpc.max_receive_message_length"] = max(
+        256 * 1024, 4 * settings.limits.max_message_bytes
+    )
+    if settings.server.worker_index is not None or settings.server.grpc_servers > 1:
         # several servers, in this process or in the workers of `serve --workers N`, on one
         # port: the kernel spreads connections over their sockets (the port is reserved, so
         # nothing else can join them: `listen.reserve_port`)
         options["grpc.so_reuseport"] = 1
-    if settings.grpc_max_connection_age_seconds > 0:
+    if settings.server.max_connection_age_seconds > 0:
         # an old connection is told to go away (GOAWAY) and takes no new calls; the calls on it
         # get MAX_CONNECTION_AGE_GRACE_MS to finish, more than any turn lasts
-        options["grpc.max_connection_age_ms"] = int(settings.grpc_max_connection_age_seconds * 1000)
+        options["grpc.max_connection_age_ms"] = int(
+            settings.server.max_connection_age_seconds * 1000
+        )
         options["grpc.max_connection_age_grace_ms"] = MAX_CONNECTION_AGE_GRACE_MS
     return list(options.items())
 
@@ -199,9 +203,9 @@ class RunningServer:
 
 
 def _auth_header(settings: Settings) -> tuple[str, str] | None:
-    if settings.chatkit_auth_header is None:
+    if settings.upstream.chatkit_auth_header is None:
         return None
-    name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+    name, _, value = settings.upstream.chatkit_auth_header.get_secret_value().partition(":")
     return name.strip(), value.strip()
 
 
@@ -217,24 +221,24 @@ def _agent_chatkit_config(settings: Settings, agent: AgentProcess | None) -> Cha
             agent.endpoint.token_secret,
         )
     else:
-        url, auth = settings.chatkit_url, _auth_header(settings)
+        url, auth = settings.upstream.chatkit_url, _auth_header(settings)
         secret = (
-            settings.agent_token_secret.get_secret_value() if settings.agent_token_secret else None
+            settings.agent.token_secret.get_secret_value() if settings.agent.token_secret else None
         )
     return ChatKitConfig(
-        base_url=settings.openai_base_url,
+        base_url=settings.upstream.openai_base_url,
         api_key=None,
         workflow_id=None,
         self_hosted_url=url,
         self_hosted_auth=auth,
         agent_tokens=(
             AgentTokenConfig(
-                secret, settings.agent_token_audience, settings.session_ttl_seconds or 600
+                secret, settings.agent.token_audience, settings.sessions.ttl_seconds or 600
             )
             if secret
             else None
         ),
-        retry_after_seconds=settings.retry_after_seconds,
+        retry_after_seconds=settings.upstream.retry_after_seconds,
     )
 
 
@@ -245,18 +249,18 @@ def _chatkit_config(
         return ChatKitConfig(
             base_url=emulator.base_url,
             api_key=api_key,
-            workflow_id=settings.openai_workflow_id or EMULATOR_WORKFLOW_ID,
-            default_ttl_seconds=settings.session_ttl_seconds,
-            retry_after_seconds=settings.retry_after_seconds,
+            workflow_id=settings.upstream.openai_workflow_id or EMULATOR_WORKFLOW_ID,
+            default_ttl_seconds=settings.sessions.ttl_seconds,
+            retry_after_seconds=settings.upstream.retry_after_seconds,
         )
     return ChatKitConfig(
-        base_url=settings.openai_base_url,
+        base_url=settings.upstream.openai_base_url,
         api_key=api_key,
-        workflow_id=settings.openai_workflow_id,
-        self_hosted_url=settings.chatkit_url if settings.self_hosted else None,
+        workflow_id=settings.upstream.openai_workflow_id,
+        self_hosted_url=settings.upstream.chatkit_url if settings.upstream.self_hosted else None,
         self_hosted_auth=_auth_header(settings),
-        default_ttl_seconds=settings.session_ttl_seconds,
-        retry_after_seconds=settings.retry_after_seconds,
+        default_ttl_seconds=settings.sessions.ttl_seconds,
+        retry_after_seconds=settings.upstream.retry_after_seconds,
     )
 
 
@@ -264,26 +268,26 @@ def _realtime_config(
     settings: Settings, emulator: Emulator | None, api_key: str | None
 ) -> RealtimeConfig:
     return RealtimeConfig(
-        base_url=emulator.base_url if emulator else settings.openai_base_url,
-        websocket_url=emulator.realtime_url if emulator else settings.effective_realtime_url,
+        base_url=emulator.base_url if emulator else settings.upstream.openai_base_url,
+        websocket_url=emulator.realtime_url if emulator else settings.upstream.realtime_url,
         api_key=api_key,
-        model=settings.realtime_model,
-        instructions=settings.realtime_instructions,
-        tools=tuple(settings.realtime_tools),
-        secret_ttl_seconds=settings.realtime_secret_ttl_seconds,
-        refresh_fraction=settings.session_refresh_fraction,
-        warm_sockets=settings.realtime_warm_sockets,
-        warm_socket_max_idle_seconds=settings.realtime_warm_max_idle_seconds,
-        conversation_idle_seconds=settings.realtime_idle_seconds,
-        max_conversations=settings.realtime_max_conversations,
-        socket_max_age_seconds=settings.realtime_session_max_seconds,
-        retry_after_seconds=settings.retry_after_seconds,
+        model=settings.realtime.model,
+        instructions=settings.realtime.instructions,
+        tools=tuple(settings.realtime.tools),
+        secret_ttl_seconds=settings.realtime.secret_ttl_seconds,
+        refresh_fraction=settings.sessions.refresh_fraction,
+        warm_sockets=settings.realtime.warm_sockets,
+        warm_socket_max_idle_seconds=settings.realtime.warm_max_idle_seconds,
+        conversation_idle_seconds=settings.realtime.idle_seconds,
+        max_conversations=settings.realtime.max_conversations,
+        socket_max_age_seconds=settings.realtime.session_max_seconds,
+        retry_after_seconds=settings.upstream.retry_after_seconds,
     )
 
 
 def check_exposure(settings: Settings, host: str) -> None:
     """Refuse to serve anything but loopback without caller authentication."""
-    if settings.auth_configured or is_loopback(host):
+    if settings.auth.configured or is_loopback(host):
         return
     raise ValueError(
         f"refusing to listen on {host} without caller authentication: set "
@@ -295,35 +299,37 @@ def check_exposure(settings: Settings, host: str) -> None:
 def _authenticator(settings: Settings, http: httpx.AsyncClient) -> Authenticator:
     jwks = (
         JwksCache(
-            settings.auth_jwks_url,
+            settings.auth.jwks_url,
             http,
-            settings.auth_jwks_cache_seconds,
-            settings.auth_jwks_min_refresh_seconds,
+            settings.auth.jwks_cache_seconds,
+            settings.auth.jwks_min_refresh_seconds,
         )
-        if settings.auth_jwks_url
+        if settings.auth.jwks_url
         else None
     )
     return Authenticator(
         jwt_secret=(
-            settings.auth_jwt_secret.get_secret_value() if settings.auth_jwt_secret else None
+            settings.auth.jwt_secret.get_secret_value() if settings.auth.jwt_secret else None
         ),
         jwks=jwks,
-        issuer=settings.auth_jwt_issuer,
-        audience=settings.auth_jwt_audience,
-        api_keys=[ApiKey(k.principal, k.sha256) for k in settings.api_keys],
+        issuer=settings.auth.jwt_issuer,
+        audience=settings.auth.jwt_audience,
+        api_keys=[ApiKey(k.principal, k.sha256) for k in settings.auth.api_keys],
     )
 
 
 def _limiter(settings: Settings) -> Limiter:
     config = LimitConfig(
-        settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_streams_per_user
+        settings.limits.rate_limit_per_minute,
+        settings.limits.rate_limit_burst,
+        settings.limits.max_streams_per_user,
     )
-    if settings.redis_url is not None:
+    if settings.limits.redis_url is not None:
         return RedisLimiter(
             config,
-            settings.redis_url.get_secret_value(),
-            settings.redis_prefix,
-            stream_lease_seconds=settings.stream_slot_lease_seconds,
+            settings.limits.redis_url.get_secret_value(),
+            settings.limits.redis_prefix,
+            stream_lease_seconds=settings.limits.stream_slot_lease_seconds,
         )
     return MemoryLimiter(config)
 
@@ -344,11 +350,11 @@ def _add_bridge_port(server: grpc.aio.Server) -> str:
 
 def _web_address(settings: Settings) -> tuple[str, int] | None:
     """Where the HTTP listener listens, checked like the gRPC port; None when it is off."""
-    if not settings.http_listen:
+    if not settings.http.listen:
         return None
-    host, port = parse_listen(settings.http_listen)
+    host, port = parse_listen(settings.http.listen)
     check_exposure(settings, host)
-    if settings.tls_require_client_cert:
+    if settings.tls.require_client_cert:
         raise ValueError(
             "HEALTHAGENT_HTTP_LISTEN cannot check client certificates: it is not allowed with "
             "HEALTHAGENT_TLS_REQUIRE_CLIENT_CERT"
@@ -357,28 +363,28 @@ def _web_address(settings: Settings) -> tuple[str, int] | None:
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    wants_mtls = settings.tls_client_ca_file is not None or settings.tls_require_client_cert
-    if settings.tls_cert_file is None and settings.tls_key_file is None:
+    wants_mtls = settings.tls.client_ca_file is not None or settings.tls.require_client_cert
+    if settings.tls.cert_file is None and settings.tls.key_file is None:
         if wants_mtls:
             raise ValueError(
                 "mutual TLS needs HEALTHAGENT_TLS_CERT_FILE and HEALTHAGENT_TLS_KEY_FILE too"
             )
         return None
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
+    if settings.tls.cert_file is None or settings.tls.key_file is None:
         raise ValueError("set both HEALTHAGENT_TLS_CERT_FILE and HEALTHAGENT_TLS_KEY_FILE")
-    if settings.tls_require_client_cert and settings.tls_client_ca_file is None:
+    if settings.tls.require_client_cert and settings.tls.client_ca_file is None:
         raise ValueError("HEALTHAGENT_TLS_REQUIRE_CLIENT_CERT needs HEALTHAGENT_TLS_CLIENT_CA_FILE")
     pair = (
-        _read(settings.tls_key_file, "HEALTHAGENT_TLS_KEY_FILE"),
-        _read(settings.tls_cert_file, "HEALTHAGENT_TLS_CERT_FILE"),
+        _read(settings.tls.key_file, "HEALTHAGENT_TLS_KEY_FILE"),
+        _read(settings.tls.cert_file, "HEALTHAGENT_TLS_CERT_FILE"),
     )
     client_ca = (
-        _read(settings.tls_client_ca_file, "HEALTHAGENT_TLS_CLIENT_CA_FILE")
-        if settings.tls_client_ca_file is not None
+        _read(settings.tls.client_ca_file, "HEALTHAGENT_TLS_CLIENT_CA_FILE")
+        if settings.tls.client_ca_file is not None
         else None
     )
     return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=settings.tls_require_client_cert
+        [pair], root_certificates=client_ca, require_client_auth=settings.tls.require_client_cert
     )
 
 
@@ -397,32 +403,39 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 def describe_upstream(settings: Settings) -> str:
     """One line naming what Chat talks to; says plainly when replies are simulated."""
-    protocol = "Realtime" if settings.effective_upstream is UpstreamKind.REALTIME else "ChatKit"
-    if settings.emulated:
+    protocol = (
+        "Realtime" if settings.upstream.effective_kind is UpstreamKind.REALTIME else "ChatKit"
+    )
+    if settings.upstream.emulated:
         return (
             f"EMULATOR ({protocol} protocol) - replies are simulated by the built-in "
             "emulator, not OpenAI"
         )
-    if settings.supervises_agent:
+    if settings.upstream.supervises_agent:
         return "the agent server (`healthagent agent`, a supervised child process)"
-    if settings.effective_upstream is UpstreamKind.AGENT:
-        return f"the agent server at {settings.chatkit_url}"
-    if settings.self_hosted:
-        return f"self-hosted ChatKit server at {settings.chatkit_url}"
+    if settings.upstream.effective_kind is UpstreamKind.AGENT:
+        return f"the agent server at {settings.upstream.chatkit_url}"
+    if settings.upstream.self_hosted:
+        return f"self-hosted ChatKit server at {settings.upstream.chatkit_url}"
     if protocol == "Realtime":
         return (
-            f"OpenAI Realtime API at {settings.effective_realtime_url} "
-            f"(model {settings.realtime_model})"
+            f"OpenAI Realtime API at {settings.upstream.realtime_url} "
+            f"(model {settings.realtime.model})"
         )
-    return f"hosted ChatKit at {settings.openai_base_url} (workflow {settings.openai_workflow_id})"
+    upstream = settings.upstream
+    return f"hosted ChatKit at {upstream.openai_base_url} (workflow {upstream.openai_workflow_id})"
 
 
 async def create_server(settings: Settings, listen: str | None = None) -> RunningServer:
     """Build, bind and start the server; `listen` may use port 0 (see `RunningServer.port`)."""
     emulator: Emulator | None = None
-    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    api_key = (
+        settings.upstream.openai_api_key.get_secret_value()
+        if settings.upstream.openai_api_key
+        else None
+    )
     REDACTOR.add(settings.secret_values())
-    if settings.emulated:
+    if settings.upstream.emulated:
         # The embedded emulator is a real HTTP and WebSocket server on loopback, so emulator
         # mode runs exactly the code path that OpenAI does. Its key lives only in this process.
         api_key = f"sk-emulator-{secrets.token_urlsafe(16)}"
@@ -430,13 +443,13 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         emulator = await start_emulator(settings, api_key)
     http = ShardedHttpClient(
         timeout=httpx.Timeout(
-            connect=settings.upstream_connect_timeout_seconds,
-            read=settings.upstream_read_timeout_seconds,
+            connect=settings.upstream.connect_timeout_seconds,
+            read=settings.upstream.read_timeout_seconds,
             write=30.0,
             pool=30.0,
         ),
-        max_connections=settings.upstream_max_connections,
-        max_buffered_bytes=settings.upstream_buffer_bytes,
+        max_connections=settings.upstream.max_connections,
+        max_buffered_bytes=settings.upstream.buffer_bytes,
     )
     store = store_from_settings(settings)
     agent: AgentProcess | None = None
@@ -449,7 +462,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         if isinstance(exc, OPEN_FAILURES):  # unreachable, refused, not writable: what to fix
             setting = (
                 "HEALTHAGENT_DATABASE_URL"
-                if settings.database_url is not None
+                if settings.database.url is not None
                 else "HEALTHAGENT_DATA_DIR"
             )
             raise ValueError(
@@ -458,7 +471,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
             ) from None
         raise
     try:
-        if settings.supervises_agent:
+        if settings.upstream.supervises_agent:
             problem = missing_agent_extra()
             if problem is not None:
                 raise ValueError(problem)
@@ -473,15 +486,15 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         if agent is not None:
             await agent.stop()
         raise
-    agent_mode = settings.effective_upstream is UpstreamKind.AGENT
+    agent_mode = settings.upstream.effective_kind is UpstreamKind.AGENT
     chatkit = ChatKitUpstream(
         _agent_chatkit_config(settings, agent)
         if agent_mode
         else _chatkit_config(settings, emulator, api_key),
         http,
-        pool_size=settings.session_pool_size,
-        pool_bytes=settings.session_pool_bytes,
-        refresh_fraction=settings.session_refresh_fraction,
+        pool_size=settings.sessions.pool_size,
+        pool_bytes=settings.sessions.pool_bytes,
+        refresh_fraction=settings.sessions.refresh_fraction,
     )
 
     async def record_minted(options: SessionOptions, session: MintedSession) -> None:
@@ -491,12 +504,12 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     realtime = RealtimeUpstream(
         _realtime_config(settings, emulator, api_key), http, transcripts=transcript_loader(store)
     )
-    uses_realtime = settings.effective_upstream is UpstreamKind.REALTIME
+    uses_realtime = settings.upstream.effective_kind is UpstreamKind.REALTIME
     chat: ChatUpstream = realtime if uses_realtime else chatkit
     recorder = TurnRecorder(store, "realtime" if uses_realtime else "chatkit")
     revoker = SessionRevoker(store, chatkit, realtime)
     options = server_options(settings)
-    servers = [grpc.aio.server(options=options) for _ in range(settings.grpc_servers)]
+    servers = [grpc.aio.server(options=options) for _ in range(settings.server.grpc_servers)]
     limiter = _limiter(settings)
     metrics = Metrics()
     metrics.watch_pools({"chatkit": chatkit.pool, "realtime_secrets": realtime.secrets})
@@ -505,8 +518,8 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         upstream_name="realtime" if uses_realtime else "chatkit",
         authenticator=_authenticator(settings, http.first),
         limiter=limiter,
-        max_message_bytes=settings.max_message_bytes,
-        client_stall_seconds=settings.client_stall_seconds,
+        max_message_bytes=settings.limits.max_message_bytes,
+        client_stall_seconds=settings.limits.client_stall_seconds,
         chat=chat,
         chatkit=chatkit,
         realtime=realtime,
@@ -530,7 +543,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     reservation: PortReservation | None = None
     web: HttpListener | None = None
     try:
-        host, port = parse_listen(listen or settings.listen)
+        host, port = parse_listen(listen or settings.server.listen)
         check_exposure(settings, host)
         web_address = _web_address(settings)
         # the HTTP listener's calls come in on a private socket of their own: plain, whatever
@@ -545,7 +558,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
                     "check HEALTHAGENT_REDIS_URL"
                 ) from None
         await revoker.start()
-        if len(servers) > 1 and settings.worker_index is None:  # workers': the supervisor's
+        if len(servers) > 1 and settings.server.worker_index is None:  # workers': the supervisor's
             reservation = reserve_port(host, port)
             port = reservation.port
         address = join_listen(host, port)
@@ -559,20 +572,20 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
             web = await start_http_listener(
                 *web_address,
                 grpc_target=bridge_target,
-                cors_origins=settings.cors_origins,
-                max_message_bytes=settings.max_message_bytes,
-                demo=settings.http_demo,
-                open_access=not settings.auth_configured,
-                share_port=settings.worker_index is not None,
-                grace_seconds=settings.shutdown_grace_seconds,
-                heartbeat_seconds=settings.http_heartbeat_seconds,
+                cors_origins=settings.http.allowed_origins,
+                max_message_bytes=settings.limits.max_message_bytes,
+                demo=settings.http.demo,
+                open_access=not settings.auth.configured,
+                share_port=settings.server.worker_index is not None,
+                grace_seconds=settings.server.shutdown_grace_seconds,
+                heartbeat_seconds=settings.http.heartbeat_seconds,
             )
         metrics_port = 0
-        if settings.metrics_listen:
-            metrics_host, wanted_port = parse_listen(settings.metrics_listen)
+        if settings.server.metrics_listen:
+            metrics_host, wanted_port = parse_listen(settings.server.metrics_listen)
             check_exposure(settings, metrics_host)
-            if wanted_port and settings.worker_index is not None:
-                wanted_port += settings.worker_index  # one scrape target per worker
+            if wanted_port and settings.server.worker_index is not None:
+                wanted_port += settings.server.worker_index  # one scrape target per worker
             metrics_port = metrics.serve(metrics_host, wanted_port)
     except BaseException:
         if web is not None:
@@ -596,7 +609,7 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
     checks: list[Check] = []
     if isinstance(limiter, RedisLimiter):
         checks.append(("redis", limiter.ping))
-    if settings.database_url is not None:
+    if settings.database.url is not None:
         checks.append(("postgresql", store.ping))
     watch = (
         # the service's name only: readiness follows Redis and PostgreSQL, while "" (liveness)
@@ -629,9 +642,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
 
 async def serve(settings: Settings, listen: str | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    upstream_kind = settings.effective_upstream
+    upstream_kind = settings.upstream.effective_kind
     description = describe_upstream(settings)
-    if settings.emulated:
+    if settings.upstream.emulated:
         hint = (
             "set OPENAI_API_KEY"
             if upstream_kind is UpstreamKind.REALTIME
@@ -647,9 +660,9 @@ async def serve(settings: Settings, listen: str | None = None) -> None:
         log.info(
             f"upstream: {description}",
             upstream=upstream_kind.value,
-            self_hosted=settings.self_hosted,
+            self_hosted=settings.upstream.self_hosted,
         )
-    if not settings.auth_configured:
+    if not settings.auth.configured:
         log.warning(
             "AUTHENTICATION IS OFF: any process that reaches the port may act as any "
             "user; this is allowed on loopback only. Set HEALTHAGENT_AUTH_JWT_SECRET, "
@@ -659,17 +672,17 @@ async def serve(settings: Settings, listen: str | None = None) -> None:
     running = await create_server(settings, listen)
     log.info(
         "serving",
-        listen=listen or settings.listen,
+        listen=listen or settings.server.listen,
         port=running.port,
         upstream=running.upstream_description,
         history=describe_store(settings),
     )
-    if upstream_kind is UpstreamKind.CHATKIT and not settings.self_hosted:
+    if upstream_kind is UpstreamKind.CHATKIT and not settings.upstream.self_hosted:
         missing = [
             name
             for name, value in (
-                ("OPENAI_API_KEY", settings.openai_api_key),
-                ("OPENAI_WORKFLOW_ID", settings.openai_workflow_id),
+                ("OPENAI_API_KEY", settings.upstream.openai_api_key),
+                ("OPENAI_WORKFLOW_ID", settings.upstream.openai_workflow_id),
             )
             if not value
         ]
@@ -682,8 +695,10 @@ async def serve(settings: Settings, listen: str | None = None) -> None:
     await stop.wait()
     log.info(
         "shutting down",
-        drain_seconds=settings.shutdown_drain_seconds,
-        grace_seconds=settings.shutdown_grace_seconds,
+        drain_seconds=settings.server.shutdown_drain_seconds,
+        grace_seconds=settings.server.shutdown_grace_seconds,
     )
-    await running.stop(settings.shutdown_grace_seconds, settings.shutdown_drain_seconds)
+    await running.stop(
+        settings.server.shutdown_grace_seconds, settings.server.shutdown_drain_seconds
+    )
     log.info("stopped")

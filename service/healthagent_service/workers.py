@@ -49,14 +49,14 @@ _EXTRA_STOP_SECONDS = 15.0  # beyond the workers' own drain and grace periods
 def worker_problems(settings: Settings) -> list[str]:
     """Why these settings cannot run several workers (empty when they can)."""
     problems = []
-    if settings.emulated:
+    if settings.upstream.emulated:
         problems.append(
             "each worker would run its own embedded emulator, so a conversation begun on one "
             "would be unknown to the others: point the workers at an upstream (OPENAI_API_KEY, "
             "HEALTHAGENT_CHATKIT_URL, or one `healthagent emulator` via OPENAI_BASE_URL)"
         )
-    limited = settings.rate_limit_per_minute > 0 or settings.max_streams_per_user > 0
-    if limited and settings.redis_url is None:
+    limited = settings.limits.rate_limit_per_minute > 0 or settings.limits.max_streams_per_user > 0
+    if limited and settings.limits.redis_url is None:
         problems.append(
             "per-user limits kept in memory would be counted per worker: set "
             "HEALTHAGENT_REDIS_URL to share them, or turn them off "
@@ -98,7 +98,9 @@ class Supervisor:
         self._address = address
         self._count = count
         self._stop_timeout = (
-            settings.shutdown_drain_seconds + settings.shutdown_grace_seconds + _EXTRA_STOP_SECONDS
+            settings.server.shutdown_drain_seconds
+            + settings.server.shutdown_grace_seconds
+            + _EXTRA_STOP_SECONDS
         )
         self._workers = [_Worker(index) for index in range(count)]
         self._stop_signal: int | None = None
@@ -205,20 +207,20 @@ class Supervisor:
 
 
 def run_workers(settings: Settings, listen: str | None) -> int:
-    """Serve with `settings.workers` processes; returns the command's exit status."""
+    """Serve with `settings.server.workers` processes; returns the command's exit status."""
     problems = worker_problems(settings)
     if problems:
-        raise ValueError(f"HEALTHAGENT_WORKERS={settings.workers}: " + "; ".join(problems))
-    if settings.supervises_agent and settings.agent_token_secret is None:
+        raise ValueError(f"HEALTHAGENT_WORKERS={settings.server.workers}: " + "; ".join(problems))
+    if settings.upstream.supervises_agent and settings.agent.token_secret is None:
         # each worker runs its own agent child: one secret, so each accepts every worker's tokens
         os.environ["HEALTHAGENT_AGENT_TOKEN_SECRET"] = secrets.token_urlsafe(48)
-    host, port = parse_listen(listen or settings.listen)
+    host, port = parse_listen(listen or settings.server.listen)
     with contextlib.ExitStack() as reservations:
         reservation = reservations.enter_context(reserve_port(host, port))
         address = join_listen(host, reservation.port)
-        if settings.http_listen:
+        if settings.http.listen:
             # held like the gRPC port; each worker's HTTP listener joins it (SO_REUSEPORT)
-            web_host, web_port = parse_listen(settings.http_listen)
+            web_host, web_port = parse_listen(settings.http.listen)
             web = reservations.enter_context(reserve_port(web_host, web_port))
             os.environ["HEALTHAGENT_HTTP_LISTEN"] = join_listen(web_host, web.port)
-        return Supervisor(settings, address, settings.workers).run()
+        return Supervisor(settings, address, settings.server.workers).run()

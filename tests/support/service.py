@@ -21,7 +21,7 @@ TEST_WORKFLOW = "wf_test"
 def make_settings(**env: Any) -> Settings:
     """Settings from environment-variable names, e.g. make_settings(OPENAI_API_KEY="sk")."""
     env.setdefault("HEALTHAGENT_LOG_FORMAT", "json")
-    return Settings(**env)
+    return Settings.from_environment(**env)
 
 
 def emulator_env(emulator: ChatKitEmulator, **overrides: Any) -> dict[str, Any]:

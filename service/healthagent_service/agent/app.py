@@ -151,7 +151,7 @@ class AgentApp:
 def check_agent_exposure(settings: Settings, host: str) -> None:
     """Refuse to listen off loopback without the service's credential: any host that reached
     the port could then name any user."""
-    if settings.chatkit_auth_header is None and not is_loopback(host):
+    if settings.upstream.chatkit_auth_header is None and not is_loopback(host):
         raise ValueError(
             f"refusing to listen on {host} without HEALTHAGENT_CHATKIT_AUTH_HEADER (the "
             "credential the HealthAgent service sends); set it, or listen on 127.0.0.1"
@@ -159,19 +159,19 @@ def check_agent_exposure(settings: Settings, host: str) -> None:
 
 
 def _database(settings: Settings) -> AgentDatabase:
-    if settings.database_url is not None:
+    if settings.database.url is not None:
         return PostgresDatabase(
-            settings.database_url.get_secret_value(),
-            settings.database_schema,
-            settings.database_pool_size,
+            settings.database.url.get_secret_value(),
+            settings.database.schema_name,
+            settings.database.pool_size,
         )
-    return SqliteDatabase(settings.data_dir / "agent.db")
+    return SqliteDatabase(settings.database.data_dir / "agent.db")
 
 
 def _service_header(settings: Settings) -> tuple[str, str] | None:
-    if settings.chatkit_auth_header is None:
+    if settings.upstream.chatkit_auth_header is None:
         return None
-    name, _, value = settings.chatkit_auth_header.get_secret_value().partition(":")
+    name, _, value = settings.upstream.chatkit_auth_header.get_secret_value().partition(":")
     return name.strip(), value.strip()
 
 
@@ -201,9 +201,9 @@ async def start_agent_server(
 ) -> RunningAgentServer:
     """Build and start the agent server (port 0 picks one: see `RunningAgentServer.port`)."""
     REDACTOR.add(settings.secret_values())
-    host, port = parse_listen(listen or settings.agent_listen)
+    host, port = parse_listen(listen or settings.agent.listen)
     check_agent_exposure(settings, host)
-    agent = load_agent(settings.agent, settings.agent_model)
+    agent = load_agent(settings.agent.spec, settings.agent.model)
     database = _database(settings)
     await database.open()
     model: ModelConnection | None = None
@@ -214,19 +214,19 @@ async def start_agent_server(
             store,
             agent,
             model.run_config(),
-            history_items=settings.agent_history_items,
-            max_turns=settings.agent_max_turns,
-            fresh_message_ids=settings.agent_api is AgentModelApi.CHAT_COMPLETIONS,
+            history_items=settings.agent.history_items,
+            max_turns=settings.agent.max_turns,
+            fresh_message_ids=settings.agent.api is AgentModelApi.CHAT_COMPLETIONS,
         )
         revocations = TokenRevocations(database)
         access = Access(
             service_header=_service_header(settings),
             token_secret=(
-                settings.agent_token_secret.get_secret_value()
-                if settings.agent_token_secret
+                settings.agent.token_secret.get_secret_value()
+                if settings.agent.token_secret
                 else None
             ),
-            token_audience=settings.agent_token_audience,
+            token_audience=settings.agent.token_audience,
             revocations=revocations,
         )
         app = AgentApp(chatkit, access, revocations, database)
@@ -238,7 +238,7 @@ async def start_agent_server(
             lifespan="off",
             access_log=False,
             log_config=None,  # uvicorn's records go through the process's logging
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+            timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds) or None,
         )
         server = uvicorn.Server(config) if install_signal_handlers else _EmbeddedServer(config)
         task = asyncio.create_task(server.serve())
@@ -268,7 +268,7 @@ async def run_agent_server(settings: Settings, listen: str | None = None) -> Non
     running = await start_agent_server(settings, listen, install_signal_handlers=True)
     # the SDKs leave ~230k objects alive after import: exempt them from collections, or every
     # full collection pauses all streams for a quarter of a second (docs/benchmarks.md)
-    tune_garbage_collector(settings.gc_gen0_threshold)
+    tune_garbage_collector(settings.tuning.gc_gen0_threshold)
     # the supervisor (`serve` in agent mode) reads this line to learn the port
     print(json.dumps({"agent_url": running.url}), flush=True)
     await running.task

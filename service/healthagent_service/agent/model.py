@@ -162,16 +162,20 @@ class ModelConnection:
 
 async def connect_model(settings: Settings) -> ModelConnection:
     """The model API for these settings (starting the emulator when nothing is configured)."""
-    tracing = settings.agent_tracing and settings.openai_api_key is not None
+    tracing = settings.agent.tracing and settings.upstream.openai_api_key is not None
     set_tracing_disabled(not tracing)
-    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    api_key = (
+        settings.upstream.openai_api_key.get_secret_value()
+        if settings.upstream.openai_api_key
+        else None
+    )
     emulator: Emulator | None = None
-    if api_key is None and settings.agent_base_url is None:
+    if api_key is None and settings.agent.base_url is None:
         api_key = f"sk-emulator-{secrets.token_urlsafe(16)}"
         emulator = await start_emulator(settings, api_key)
         base_url = emulator.base_url
     else:
-        base_url = settings.agent_base_url or settings.openai_base_url
+        base_url = settings.agent.base_url or settings.upstream.openai_base_url
     client = AsyncOpenAI(
         api_key=api_key or _KEYLESS_PLACEHOLDER,
         base_url=base_url,
@@ -180,10 +184,10 @@ async def connect_model(settings: Settings) -> ModelConnection:
             transport=CompleteStreamsOnly(httpx2.AsyncHTTPTransport())
         ),
         timeout=httpx2.Timeout(
-            settings.upstream_read_timeout_seconds,
-            connect=settings.upstream_connect_timeout_seconds,
+            settings.upstream.read_timeout_seconds,
+            connect=settings.upstream.connect_timeout_seconds,
         ),
     )
     return ModelConnection(
-        client, settings.agent_api, base_url, emulator, tracing, settings.agent_model
+        client, settings.agent.api, base_url, emulator, tracing, settings.agent.model
     )

@@ -47,15 +47,15 @@ async def start_emulator(
 ) -> Emulator:
     """Start the emulator for the configured workflow (and `extra_workflows`)."""
     workflows = {EMULATOR_WORKFLOW_ID, *extra_workflows}
-    if settings.openai_workflow_id:
-        workflows.add(settings.openai_workflow_id)
-    delay = settings.emulator_chunk_delay_ms / 1000
+    if settings.upstream.openai_workflow_id:
+        workflows.add(settings.upstream.openai_workflow_id)
+    delay = settings.emulator.chunk_delay_ms / 1000
     realtime = RealtimeEmulator(
         RealtimeEmulatorConfig(
             api_key=api_key,
             chunk_delay_seconds=delay,
-            slow_first_byte_seconds=settings.emulator_slow_first_byte_seconds,
-            session_max_seconds=settings.emulator_realtime_session_seconds,
+            slow_first_byte_seconds=settings.emulator.slow_first_byte_seconds,
+            session_max_seconds=settings.emulator.realtime_session_seconds,
         )
     )
     chatkit = ChatKitEmulator(
@@ -63,7 +63,7 @@ async def start_emulator(
             api_key=api_key,
             workflows=frozenset(workflows),
             chunk_delay_seconds=delay,
-            slow_first_byte_seconds=settings.emulator_slow_first_byte_seconds,
+            slow_first_byte_seconds=settings.emulator.slow_first_byte_seconds,
         ),
         realtime=realtime,
     )

@@ -30,19 +30,19 @@ OPEN_FAILURES: tuple[type[BaseException], ...] = (
 
 def store_from_settings(settings: Settings) -> ConversationStore:
     """The configured store, not yet opened."""
-    if settings.database_url is not None:
+    if settings.database.url is not None:
         return PostgresStore(
-            settings.database_url.get_secret_value(),
-            settings.database_schema,
-            settings.database_pool_size,
+            settings.database.url.get_secret_value(),
+            settings.database.schema_name,
+            settings.database.pool_size,
         )
     # workers share the file; each must hear of the others' revocations (PostgreSQL: NOTIFY)
-    poll = REVOCATION_POLL_SECONDS if settings.workers > 1 else None
-    return SQLiteStore(settings.data_dir / SQLITE_FILE, revocation_poll_seconds=poll)
+    poll = REVOCATION_POLL_SECONDS if settings.server.workers > 1 else None
+    return SQLiteStore(settings.database.data_dir / SQLITE_FILE, revocation_poll_seconds=poll)
 
 
 def describe_store(settings: Settings) -> str:
     """Where history goes, for the start-up log (never the URL: it may hold a password)."""
-    if settings.database_url is not None:
-        return f"PostgreSQL (schema {settings.database_schema})"
-    return f"SQLite at {settings.data_dir / SQLITE_FILE}"
+    if settings.database.url is not None:
+        return f"PostgreSQL (schema {settings.database.schema_name})"
+    return f"SQLite at {settings.database.data_dir / SQLITE_FILE}"
