@@ -159,9 +159,10 @@ class UpstreamSettings(SettingsGroup):
     kind: UpstreamKind | None = Field(
         default=None,
         alias="HEALTHAGENT_UPSTREAM",
-        description="`agent`, `chatkit`, `realtime` or `emulator`. Unset: `chatkit` with "
-        "HEALTHAGENT_CHATKIT_URL or with a key and a workflow id, `agent` with a key alone, "
-        "else `emulator`.",
+        description="What `Chat` talks to: `agent` (the agent server), `chatkit`, `realtime` "
+        "(the emulator's Realtime side without a key) or `emulator` (ChatKit protocol). Unset: "
+        "`chatkit` with HEALTHAGENT_CHATKIT_URL or with a key and a workflow id, `agent` with "
+        "a key alone, else `emulator`.",
     )
     openai_api_key: SecretStr | None = Field(
         default=None,
@@ -541,7 +542,8 @@ class AuthSettings(SettingsGroup):
 
 
 class TlsSettings(SettingsGroup):
-    """TLS on the gRPC port (and the HTTP listener), and mutual TLS for service callers."""
+    """TLS on the gRPC port, and mutual TLS for service callers. The HTTP listener serves
+    plain HTTP, and is refused when client certificates are required."""
 
     cert_file: Path | None = Field(
         default=None,
