@@ -122,7 +122,6 @@ class ServerSettings(SettingsGroup):
         "calls get 10 minutes to finish), so clients behind L4 balancing reconnect and reach "
         "new replicas. `0`: no limit.",
     )
-    # set by the supervisor of `serve --workers N` in each worker's environment, never by hand
     worker_index: int | None = Field(
         default=None,
         ge=0,
@@ -222,7 +221,6 @@ class UpstreamSettings(SettingsGroup):
         "the other upstream calls (minting, cancelling). A turn that finds none free waits "
         "for one, then fails UNAVAILABLE.",
     )
-    # upstream event bytes all streams may hold at once, beyond 64 KiB each
     buffer_bytes: int = Field(
         default=128 * 1024 * 1024,
         ge=1024 * 1024,
@@ -601,8 +599,6 @@ class LimitSettings(SettingsGroup):
         alias="HEALTHAGENT_REDIS_PREFIX",
         description="Prefix of the service's Redis keys.",
     )
-    # a stream's slot in Redis is a lease renewed while it lasts: what a process that died
-    # holding slots leaves behind is free again after this long
     stream_slot_lease_seconds: float = Field(
         default=60.0,
         ge=3,

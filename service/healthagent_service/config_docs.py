@@ -74,8 +74,8 @@ def _without_none(annotation: Any) -> Any:
     return annotation
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+def _number(value: object) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _constraints(field: FieldInfo) -> list[str]:
@@ -84,11 +84,11 @@ def _constraints(field: FieldInfo) -> list[str]:
     notes: list[str] = []
     for item in field.metadata:
         if isinstance(item, annotated_types.Ge):
-            lower = f">= {_number(item.ge)}"  # type: ignore[arg-type]
+            lower = f">= {_number(item.ge)}"
         elif isinstance(item, annotated_types.Gt):
-            lower = f"> {_number(item.gt)}"  # type: ignore[arg-type]
+            lower = f"> {_number(item.gt)}"
         elif isinstance(item, annotated_types.Le):
-            upper = f"<= {_number(item.le)}"  # type: ignore[arg-type]
+            upper = f"<= {_number(item.le)}"
         elif isinstance(item, annotated_types.MinLen) and item.min_length == 1:
             notes.append("not empty")
         elif getattr(item, "pattern", None):
@@ -112,12 +112,9 @@ def _type(field: FieldInfo) -> str:
 
 
 def _default(name: str, field: FieldInfo) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
-    elif field.default is PydanticUndefined:
+    value = field.get_default(call_default_factory=True)
+    if value is PydanticUndefined:
         return "required"
-    else:
-        value = field.default
     if value is None:
         return "unset"
     if value == "":
