@@ -698,7 +698,8 @@ class HttpSettings(SettingsGroup):
 
 
 class EmulatorSettings(SettingsGroup):
-    """The built-in emulator (`healthagent emulator`, and `serve` without a key)."""
+    """The built-in emulator: `healthagent emulator`, and the one `serve` and `agent` start
+    when no key is set."""
 
     chunk_delay_ms: float = Field(
         default=25.0,
