@@ -99,16 +99,17 @@ class ServerSettings(SettingsGroup):
         "(`serve --workers` overrides).",
     )
     # grpc.aio takes up one new call at a time per server, a round of its loop each: several
-    # servers on the one port take up new calls sooner when the loop is busy; 16 carried the
-    # 10,000-stream target on a host where 4 did not (docs/benchmarks.md, "Sixteen servers,
-    # and five rounds")
+    # servers on the one port take up new calls sooner when the loop is busy
+    # (docs/decisions/0004-servers-per-process.md)
     grpc_servers: int = Field(
         default=16,
         ge=1,
         le=MAX_GRPC_SERVERS,
         alias="HEALTHAGENT_GRPC_SERVERS",
-        description="gRPC servers in each process, sharing its port; under load several take "
-        "up new calls sooner than one. They take up calls per connection.",
+        description="gRPC servers in each process, sharing its port: grpc.aio takes up new "
+        "calls one at a time per server, so under load several take them up sooner "
+        "(docs/decisions/0004-servers-per-process.md). They take up calls per connection: a "
+        "caller that sends everything over one connection is served by one of them.",
     )
     # 0: connections live as long as their clients keep them. Behind L4 balancing (a
     # Kubernetes Service), a limit makes clients reconnect now and then, and so reach replicas
@@ -197,8 +198,9 @@ class UpstreamSettings(SettingsGroup):
         default=None,
         alias="HEALTHAGENT_CHATKIT_AUTH_HEADER",
         description="`Name: value` header sent to the self-hosted server (e.g. "
-        "`Authorization: Bearer ...`); the agent server requires it off loopback. `serve` "
-        "makes one up for its own agent child.",
+        "`Authorization: Bearer ...`); the agent server requires it of every request that "
+        "names a user, and off loopback it must be set. `serve` makes one up for its own agent "
+        "child.",
     )
     connect_timeout_seconds: float = Field(
         default=5.0,
@@ -218,16 +220,17 @@ class UpstreamSettings(SettingsGroup):
         ge=1,
         alias="HEALTHAGENT_UPSTREAM_MAX_CONNECTIONS",
         description="Concurrent upstream HTTP connections for streaming turns, and again for "
-        "the other upstream calls (minting, cancelling). A turn that finds none free waits "
-        "for one, then fails UNAVAILABLE.",
+        "the other upstream calls (minting, cancelling). A turn that finds none free waits up "
+        "to 30 s for one, then fails UNAVAILABLE.",
     )
     buffer_bytes: int = Field(
         default=128 * 1024 * 1024,
         ge=1024 * 1024,
         alias="HEALTHAGENT_UPSTREAM_BUFFER_BYTES",
         description="Upstream event bytes all `Chat` streams together may hold at once beyond "
-        "64 KiB each; a stream that would take the total past it ends RESOURCE_EXHAUSTED "
-        "(`UPSTREAM_BUFFER_FULL`).",
+        "64 KiB each (an event may be up to 8 MiB); a stream whose events would take the total "
+        "past it ends RESOURCE_EXHAUSTED (`UPSTREAM_BUFFER_FULL`), so a bad upstream cannot "
+        "take the process's memory.",
     )
     retry_after_seconds: float = Field(
         default=1.0,
@@ -462,8 +465,9 @@ class SessionSettings(SettingsGroup):
         default=64 * 1024 * 1024,
         ge=1024 * 1024,
         alias="HEALTHAGENT_SESSION_POOL_BYTES",
-        description="Bytes the pooled sessions may hold in all, their options and secrets "
-        "counted; past it the least recently used are dropped.",
+        description="Bytes the pooled sessions may hold in all, their options (each distinct "
+        "set of state variables is a session of its own) and secrets counted; past it the "
+        "least recently used are dropped.",
     )
     refresh_fraction: float = Field(
         default=0.8,
@@ -590,8 +594,9 @@ class LimitSettings(SettingsGroup):
         default=None,
         alias="HEALTHAGENT_REDIS_URL",
         description="Keep the limits in this Redis, shared by every replica. They fail "
-        "closed: while Redis cannot be reached, HealthAgent RPCs are UNAVAILABLE "
-        "(`LIMITS_UNAVAILABLE`). Unset: in memory.",
+        "closed: while Redis cannot be reached (2 s timeout), HealthAgent RPCs are UNAVAILABLE "
+        "(`LIMITS_UNAVAILABLE`, with `RetryInfo`) and health says NOT_SERVING. Unset: in "
+        "memory, per process.",
     )
     redis_prefix: str = Field(
         default="healthagent",
@@ -605,14 +610,16 @@ class LimitSettings(SettingsGroup):
         le=3600,
         alias="HEALTHAGENT_STREAM_SLOT_LEASE_SECONDS",
         description="With Redis, a `Chat` stream's slot is a lease of this many seconds, "
-        "renewed while the stream lasts, so a dead process's slots come free again.",
+        "renewed every third of it while the stream lasts and given back when it ends, so the "
+        "slots of a process that died come free again.",
     )
     client_stall_seconds: float = Field(
         default=30.0,
         gt=0,
         alias="HEALTHAGENT_CLIENT_STALL_SECONDS",
-        description="A `Chat` caller that takes no message for this many seconds is cut off "
-        "(RESOURCE_EXHAUSTED, `CLIENT_TOO_SLOW`).",
+        description="A `Chat` caller that takes no message for this many seconds (checked "
+        "once a second) is cut off (RESOURCE_EXHAUSTED, `CLIENT_TOO_SLOW`) and the upstream "
+        "request closed.",
     )
     max_message_bytes: int = Field(
         default=32 * 1024,
@@ -620,7 +627,7 @@ class LimitSettings(SettingsGroup):
         le=1024 * 1024,
         alias="HEALTHAGENT_MAX_MESSAGE_BYTES",
         description="Largest `message` / `output_json` in bytes; gRPC messages over 4x this "
-        "(at least 256 KiB) are refused.",
+        "(at least 256 KiB) and metadata over 16 KiB are refused.",
     )
 
     @field_validator("redis_url", mode="before")
@@ -739,7 +746,8 @@ class LogSettings(SettingsGroup):
 
 
 class TuningSettings(SettingsGroup):
-    """Process memory tuning, applied once at start-up (docs/reliability.md)."""
+    """Process memory tuning, applied once at start-up
+    (docs/decisions/0007-malloc-and-gc-settings.md)."""
 
     malloc_arenas: int = Field(
         default=2,
@@ -755,7 +763,8 @@ class TuningSettings(SettingsGroup):
         le=1_000_000,
         alias="HEALTHAGENT_GC_GEN0_THRESHOLD",
         description="Allocations between collections of Python's youngest generation; `0`: "
-        "Python's default (700). Objects alive at start-up are frozen out of collections "
+        "Python's default (700). Higher serves unary calls a little faster but holds more "
+        "garbage between collections. Objects alive at start-up are frozen out of collections "
         "either way.",
     )
 
