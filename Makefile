@@ -14,7 +14,7 @@ ARGS ?=
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install fmt lint test test-all stubs bench
+.PHONY: help install fmt lint test test-all stubs docs bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' \
@@ -49,6 +49,9 @@ test-all: ## exactly what CI runs (.ci/run): installs, lints, and runs every tes
 
 stubs: $(INSTALLED) ## regenerate clients/python/healthagent/v1 from protos/
 	$(PY) clients/python/generate_stubs.py
+
+docs: $(INSTALLED) ## regenerate docs/configuration.md from the settings models
+	$(PY) -m healthagent_service.config_docs > docs/configuration.md
 
 bench: $(INSTALLED) ## instructions counted under callgrind (bench.instructions) into BENCH_OUT
 	$(PY) -m bench.instructions --out $(BENCH_OUT)

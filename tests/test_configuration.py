@@ -206,5 +206,5 @@ def test_every_field_says_what_it_does() -> None:
 def test_configuration_doc_is_current() -> None:
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == configuration_markdown(), (
-        f"docs/configuration.md is stale: regenerate it with `.venv/bin/{REGENERATE}`"
+        f"docs/configuration.md is stale: regenerate it with `make docs` (`.venv/bin/{REGENERATE}`)"
     )
