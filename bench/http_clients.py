@@ -6,8 +6,9 @@
   HEALTHAGENT_SESSION_POOL_SIZE=1 and a new user for every call, so each MintSession mints
   upstream through the service's httpx client. For reference, in alternating rounds of the same
   run, this process sends the same mint straight to the emulator with a plain httpx client.
-  Reported: latency as the caller sees it, and the service's CPU per MintSession beside the
-  emulator's for the same mint (their ratio moves little with the machine's load).
+  Reported: latency as the caller sees it; the service's CPU per MintSession beside the
+  emulator's for the same mints (their ratio moves little with the machine's load); and this
+  process's CPU per direct mint, what one plain httpx client costs at that concurrency.
 - JWKS: `JwksCache.key_for` with a cache that is always stale, so each call fetches and parses
   the key set over HTTP from a JWKS server in a child process: through the client the service
   builds, and through a plain `httpx.AsyncClient`, in alternating rounds. CPU is this process's.
@@ -73,7 +74,8 @@ class Timing:
     errors: int = 0
     median_ms: float = 0.0
     p99_ms: float = 0.0
-    cpu_ms_per_call: float = 0.0  # the process named by the phase
+    # cold minting: the service's (through it) or this process's (direct); JWKS: this process's
+    cpu_ms_per_call: float = 0.0
     reference_cpu_ms_per_call: float = 0.0  # cold minting: the emulator's, for the same calls
 
 
@@ -230,7 +232,9 @@ async def measure_cold_mints(
             deadline = time.monotonic() + options.phase_seconds
             per_round = max(1, options.mints // options.rounds)
             for _ in range(options.rounds):
+                cpu = time.process_time()
                 await timed_calls(mints.direct, per_round, concurrency, deadline, direct)
+                direct.cpu_seconds += time.process_time() - cpu
                 await mints.round(per_round, concurrency, deadline, service)
             comparisons.append(compare("cold_mint", concurrency, service, direct))
             print(json.dumps(asdict(comparisons[-1])), file=sys.stderr, flush=True)
@@ -308,22 +312,21 @@ async def serve_jwks() -> None:
 
 
 def markdown(report: HttpClientsReport) -> str:
+    """The comparisons as a table. Cold minting's CPU ratio is the service's over the
+    emulator's for the same mints; JWKS's, the service's client over the plain one."""
     lines = [
-        "| figure | concurrency | calls | median ms | p99 ms | CPU ms/call |"
-        " reference median ms | reference p99 ms | reference CPU ms/call |"
+        "| figure | concurrency | calls | median ms | p99 ms | CPU ms/call | emulator CPU"
+        " ms/call | reference median ms | reference p99 ms | reference CPU ms/call |"
         " ratio median | ratio p99 | ratio CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report.comparisons:
-        reference_cpu = (
-            c.measured.reference_cpu_ms_per_call
-            if c.name == "cold_mint"
-            else c.reference.cpu_ms_per_call
-        )
+        mine, theirs = c.measured, c.reference
+        emulator = f"{mine.reference_cpu_ms_per_call:.3f}" if c.name == "cold_mint" else "-"
         lines.append(
-            f"| {c.name} | {c.concurrency} | {c.measured.calls} | {c.measured.median_ms:.2f}"
-            f" | {c.measured.p99_ms:.2f} | {c.measured.cpu_ms_per_call:.3f}"
-            f" | {c.reference.median_ms:.2f} | {c.reference.p99_ms:.2f} | {reference_cpu:.3f}"
+            f"| {c.name} | {c.concurrency} | {mine.calls} | {mine.median_ms:.2f}"
+            f" | {mine.p99_ms:.2f} | {mine.cpu_ms_per_call:.3f} | {emulator}"
+            f" | {theirs.median_ms:.2f} | {theirs.p99_ms:.2f} | {theirs.cpu_ms_per_call:.3f}"
             f" | {c.median_ratio:.2f} | {c.p99_ratio:.2f} | {c.cpu_ratio:.2f} |"
         )
     return "\n".join(lines)
