@@ -54,7 +54,8 @@ from healthagent_service.upstream.chatkit import (
 )
 from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.upstream.http_clients import ShardedHttpClient
-from healthagent_service.upstream.realtime import RealtimeConfig, RealtimeUpstream
+from healthagent_service.upstream.realtime import RealtimeUpstream
+from healthagent_service.upstream.realtime_config import RealtimeConfig
 
 if TYPE_CHECKING:  # uvicorn and starlette load only when the listener is on
     from healthagent_service.web.listener import HttpListener
@@ -502,7 +503,9 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
 
     chatkit.pool.on_minted = record_minted
     realtime = RealtimeUpstream(
-        _realtime_config(settings, emulator, api_key), http, transcripts=transcript_loader(store)
+        _realtime_config(settings, emulator, api_key),
+        http.first,
+        transcripts=transcript_loader(store),
     )
     uses_realtime = settings.upstream.effective_kind is UpstreamKind.REALTIME
     chat: ChatUpstream = realtime if uses_realtime else chatkit

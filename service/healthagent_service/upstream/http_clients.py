@@ -1,21 +1,20 @@
-"""Upstream HTTP clients: `SSEClient` for streaming turns, sharded httpx clients for the rest.
+"""The upstream HTTP clients: `SSEClient` for streaming turns, and httpx clients for the other
+calls (minting, cancelling, revoking agent tokens, Realtime secrets, JWKS), sharded by key.
 
-httpcore matches queued requests against the connections of its pool each time a request
-starts or ends, so its work per request grows with the pool: one pool holding thousands of
-streaming connections showed as a quarter of the server's CPU under 300 concurrent streams, and
-splitting it into 16 raised throughput 2.7x. Pools of at most `CONNECTIONS_PER_SHARD`, picked by
-a stable key (the user), keep that work bounded at any `max_connections` and a user's requests
-on warm connections. A key whose pool is full spills over to the next pool with room, so one
-busy user (or an unlucky spread of users) never waits while other pools have connections to
-spare; only when every pool is full does a request queue, and `max_connections` holds overall.
+httpcore walks every connection of its pool each time a request starts or ends (and polls the
+socket of each idle one), so its work per request grows with the pool: cold mints 128 at a
+time cost the service nearly twice the CPU each through one pool as through pools of at most
+`CONNECTIONS_PER_SHARD` (docs/decisions/http-clients.md). A stable key (the user, or the
+session) picks the pool, so a user's calls find warm connections; a key whose pool is full
+spills over to the next pool with room, so one busy user (or an unlucky spread of users) never
+waits while other pools have connections to spare. Only when every pool is full does a request
+queue, and `max_connections` holds overall.
 """
 
 from __future__ import annotations
 
-import httpcore
 import httpx
 
-from healthagent_service.upstream.asyncio_network import asyncio_transport
 from healthagent_service.upstream.sse_client import DEFAULT_MAX_BUFFERED_BYTES, SSEClient
 
 CONNECTIONS_PER_SHARD = 64
@@ -41,16 +40,19 @@ class ShardedHttpClient:
     ) -> None:
         count = shards or shards_for(max_connections)
         per_shard = max(1, -(-max_connections // count))
-        # one TLS context for all of them: loading the CA bundle once, not once per pool
+        # one TLS context for all of them: the CA bundle loaded once, not once per pool
         tls = httpx.create_ssl_context()
-        # idle connections still close after httpx's keep-alive expiry (5 s)
+        # idle connections still close after httpx's keep-alive expiry (5 s); no proxy from the
+        # environment (trust_env=False)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        transports = [asyncio_transport(ssl_context=tls, limits=limits) for _ in range(count)]
-        self._pools: list[httpcore.AsyncConnectionPool] = [t.pool for t in transports]
+        self._transports = [
+            httpx.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
+            for _ in range(count)
+        ]
         self._per_shard = per_shard
         self._clients = [
-            httpx.AsyncClient(timeout=timeout, trust_env=False, transport=t.transport)
-            for t in transports
+            httpx.AsyncClient(timeout=timeout, trust_env=False, transport=transport)
+            for transport in self._transports
         ]
         self.streams = SSEClient(
             timeout=timeout,
@@ -66,12 +68,14 @@ class ShardedHttpClient:
         preferred = hash(key) % count
         for step in range(count):
             shard = (preferred + step) % count
-            if self._has_room(self._pools[shard]):
+            if self._has_room(self._transports[shard]):
                 return self._clients[shard]
         return self._clients[preferred]  # all full: queue for this one (the pool timeout holds)
 
-    def _has_room(self, pool: httpcore.AsyncConnectionPool) -> bool:
-        connections = pool.connections
+    def _has_room(self, transport: httpx.AsyncHTTPTransport) -> bool:
+        # httpx 0.28 keeps the transport's httpcore pool in `_pool` (pinned in
+        # constraints.txt; tests/test_http_clients.py fills a pool and sees the spill-over)
+        connections = transport._pool.connections
         return len(connections) < self._per_shard or any(c.is_idle() for c in connections)
 
     @property

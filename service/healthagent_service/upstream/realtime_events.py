@@ -115,6 +115,13 @@ def _error_fields(event: dict[str, Any]) -> tuple[str, str]:
     return str(error.get("code") or error.get("type") or "error"), str(error.get("message") or "")
 
 
+def protocol_error(detail: str) -> HealthAgentError:
+    """The status for an event (or an answer) that is not what the Realtime API sends."""
+    return HealthAgentError(
+        ErrorKind.UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR", f"malformed Realtime event: {detail}"
+    )
+
+
 def closed_error(
     code: int | None, last_error: dict[str, Any] | None, *, mid_turn: bool, api_key_setting: str
 ) -> HealthAgentError:

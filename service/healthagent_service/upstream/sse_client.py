@@ -8,8 +8,8 @@ to llhttp (`httptools`, C, the parser Node.js and uvicorn use), whose body callb
 SSE decoder, so complete events queue up as they arrive; the reader takes every queued event
 in one wake-up. Requests are serialized by hand (the headers are the service's own).
 
-httpx still makes every other upstream call (minting, cancelling, Realtime secrets), and this
-client raises httpx's exception types, so the error mapping is one and the same.
+httpx still makes every other upstream call (minting, cancelling, Realtime secrets, JWKS), and
+this client raises httpx's exception types, so the error mapping is one and the same.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import math
 import ssl
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from healthagent_service.upstream.asyncio_network import HAPPY_EYEBALLS_DELAY, receive_buffer
 from healthagent_service.upstream.sse import (
     DEFAULT_MAX_EVENT_BYTES,
     SSEDecoder,
@@ -46,6 +46,27 @@ DEFAULT_MAX_BUFFERED_BYTES = 128 * 1024 * 1024
 # Below the 5 s keep-alive timeout of common servers (uvicorn, nginx's default is 75 s), so
 # this side closes an idle connection before the peer can close it under a new request.
 KEEPALIVE_EXPIRY_SECONDS = 4.0
+_RECEIVE_BUFFER_BYTES = 64 * 1024  # at most this much per socket read
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address, as RFC 8305 suggests
+
+
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread (an event loop runs in one thread), shared by its
+    connections: asyncio calls `get_buffer` and `buffer_updated` back to back, so no two
+    reads ever overlap in it. (asyncio's plain `Protocol` receives into a fresh 256 KiB bytes
+    object per read instead, which under streaming load fragmented the malloc heap:
+    docs/reliability.md.)"""
+
+    def __init__(self) -> None:
+        self.memory = memoryview(bytearray(_RECEIVE_BUFFER_BYTES))
+
+
+_receive_buffer = _ReceiveBuffer()
+
+
+def receive_buffer() -> memoryview:
+    """This thread's receive buffer, for buffered protocols (see `_ReceiveBuffer`)."""
+    return _receive_buffer.memory
 
 
 class BufferBudgetExceededError(Exception):
