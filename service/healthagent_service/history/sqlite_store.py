@@ -1,20 +1,7 @@
-"""The embedded store: one SQLite file in WAL mode.
-
-SQLite allows one writer at a time. A turn's own writes (its start, its end, a minted session)
-are a few rows by key, and are committed on the event loop's own connection at once: about
-60 us each. Handed to a thread, each cost three times that in CPU, and under load far more, as
-every statement took the GIL back from the busy loop (docs/benchmarks.md). That connection never
-waits for the lock (busy timeout 0) and never checkpoints (an fsync). When another connection
-holds the write lock (another `serve --workers` process, or this one's worker thread), the write
-goes to the worker thread instead, like every read and every write whose size depends on the
-data.
-
-The worker commits in groups: every write queued since its last commit in one
-`BEGIN IMMEDIATE` ... `COMMIT`, each in its own savepoint, so a write that fails is undone alone
-and the others still commit. Every `CHECKPOINT_EVERY_COMMITS` commits on the loop it also
-checkpoints the WAL in RESTART mode: holding the write lock, so writes arriving meanwhile queue
-for the worker, and the next writer starts the WAL over. (A passive checkpoint beside ongoing
-writes never caught up with them, and the WAL grew without end.)
+"""The embedded store: one SQLite file in WAL mode. The schema, the queries and the rows' mapping
+are here; where each write runs, and how writes are grouped, is `SQLiteEngine`'s
+(`history/sqlite_engine.py`). A turn's start and end, and a minted session, are small writes,
+which the engine may commit on the event loop.
 
 A turn's records are all there or not at all, even if the process is killed mid-write, and a
 write's caller resumes only once it is committed.
@@ -23,17 +10,11 @@ write's caller resumes only once it is committed.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import json
-import os
 import sqlite3
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +31,7 @@ from healthagent_service.history.models import (
     Status,
     TurnOutcome,
 )
+from healthagent_service.history.sqlite_engine import SQLiteEngine
 from healthagent_service.history.store import (
     ConversationStore,
     RevocationListener,
@@ -62,11 +44,6 @@ from healthagent_service.history.store import (
 )
 
 log = structlog.get_logger(__name__)
-
-_OPEN_TIMEOUT_SECONDS = 30.0  # as long as a write waits for the file's lock
-# WAL frames are copied back into the file this often (SQLite's own default is about every
-# 1,000 pages, and a turn writes about 8)
-CHECKPOINT_EVERY_COMMITS = 100
 
 # What a full disk, a file another process holds or cannot be written raise: UNAVAILABLE for
 # the caller, like a lost database connection, not INTERNAL.
@@ -82,7 +59,6 @@ _OUTAGE_CODES = frozenset(
     }
 )
 T = TypeVar("T")
-_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -158,177 +134,32 @@ class SQLiteStore(ConversationStore):
         self._path = path
         self._revocation_poll_seconds = revocation_poll_seconds
         self._revocation_poller: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        self._db: sqlite3.Connection | None = None
-        self._queued_writes: deque[_Write] = deque()
-        self._writes_lock = threading.Lock()  # the queue and the flag, across the two threads
-        self._committing = False  # a group commit is queued or running on the worker
-        self.commits = 0  # transactions committed (each holds one or more writes)
-        self._loop_db: sqlite3.Connection | None = None  # the loop's own, for small writes
-        self._loop_commits_since_checkpoint = 0
-        self._checkpoint_pending = False
+        self._engine = SQLiteEngine(path)
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (each holds one or more writes)."""
+        return self._engine.commits
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            assert self._db is not None, "store is not open"
-            return work(self._db)
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await self._engine.read(work)
         except sqlite3.Error as exc:
             raise _outage_or(exc) from None
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, small: bool = False) -> T:
         """Run `work` in a transaction and return its result once that is committed. `small`:
-        `work` writes a few rows by key, so it may run on the loop (the largest, a turn's end,
-        holds the answer's text: 100 KB of it is about 25 pages, a fifth of a millisecond)."""
+        `work` writes a few rows by key (see `SQLiteEngine.write`)."""
         try:
-            return await self._write_through(work, small=small)
+            return await self._engine.write(work, small=small)
         except sqlite3.Error as exc:
             raise _outage_or(exc) from None
 
-    async def _write_through(self, work: Callable[[sqlite3.Connection], T], *, small: bool) -> T:
-        if small and self._loop_db is not None:
-            with contextlib.suppress(_WriteLockTakenError):  # then the worker waits for the lock
-                return self._commit_on_loop(self._loop_db, work)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        with self._writes_lock:
-            self._queued_writes.append((work, done))
-            start = not self._committing
-            self._committing = True
-        if start:
-            # submitted, not `run_in_executor`: its asyncio future, which nothing awaits, would
-            # cost the loop a second wake-up from the worker thread per group
-            self._executor.submit(self._commit_groups, loop).add_done_callback(_log_failure)
-        return await done
-
-    def _commit_groups(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the worker: commit what is queued, in groups, until nothing is."""
-        while True:
-            with self._writes_lock:
-                group = list(self._queued_writes)
-                self._queued_writes.clear()
-                if not group:
-                    self._committing = False
-                    return
-            outcomes = self._commit_group(group)
-            loop.call_soon_threadsafe(_settle, outcomes)
-
-    def _commit_group(self, group: list[_Write]) -> list[tuple[asyncio.Future[Any], Any, bool]]:
-        db = self._db
-        if db is None:
-            error = RuntimeError("store is not open")
-            return [(done, error, False) for _, done in group]
-        if len(group) == 1:  # alone in its transaction: no savepoint needed to undo it alone
-            return [self._commit_one(db, group[0])]
-        results: list[tuple[asyncio.Future[Any], Any, bool]] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for work, done in group:
-                db.execute("SAVEPOINT write")
-                try:
-                    result = work(db)
-                except Exception as exc:  # this write alone is undone; the group goes on
-                    db.execute("ROLLBACK TO write")
-                    db.execute("RELEASE write")
-                    results.append((done, exc, False))
-                    continue
-                db.execute("RELEASE write")
-                results.append((done, result, True))
-            db.execute("COMMIT")
-            self.commits += 1
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group was written
-            if db.in_transaction:
-                # a broken connection cannot roll back either; the next group will say so
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-            return [(done, exc, False) for _, done in group]
-        return results
-
-    def _commit_on_loop(self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Commit `work` on the loop's connection; raises `_WriteLockTakenError` when another
-        connection holds the write lock (nothing was done then), or what `work` raises, with
-        nothing of it written."""
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
-                raise _WriteLockTakenError from None
-            raise
-        result = self._finish_transaction(db, work)
-        self._loop_commits_since_checkpoint += 1
-        if self._loop_commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
-            self._checkpoint_soon()
-        return result
-
-    def _finish_transaction(
-        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
-    ) -> T:
-        """Run `work` in the transaction just begun and commit it, or roll it back and raise."""
-        try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-            raise
-        self.commits += 1
-        return result
-
-    def _checkpoint_soon(self) -> None:
-        """Have the worker copy the WAL back into the file; at most one queued at a time."""
-        if self._checkpoint_pending:
-            return
-        self._checkpoint_pending = True
-        self._loop_commits_since_checkpoint = 0
-        self._executor.submit(self._checkpoint).add_done_callback(_log_failure)
-
-    def _checkpoint(self) -> None:
-        try:
-            if self._db is not None:
-                self._db.execute("PRAGMA wal_checkpoint(RESTART)")
-        finally:
-            self._checkpoint_pending = False
-
-    def _commit_one(
-        self, db: sqlite3.Connection, write: _Write
-    ) -> tuple[asyncio.Future[Any], Any, bool]:
-        work, done = write
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            return (done, self._finish_transaction(db, work), True)
-        except Exception as exc:  # nothing of it was written
-            return (done, exc, False)
-
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
-            _private_file(self._path)
-            db = sqlite3.connect(
-                self._path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=_OPEN_TIMEOUT_SECONDS,
-            )
-            _enable_wal(db)
-            db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
-            db.execute("PRAGMA foreign_keys=ON")
-            return db
-
-        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._engine.open()
         await self._write(_migrate)
-        # Opened on the loop, which alone uses it. It never waits for the lock (busy timeout
-        # 0: the write goes to the worker then) nor checkpoints (an fsync): the worker does.
-        loop_db = sqlite3.connect(self._path, isolation_level=None, timeout=0)
-        loop_db.execute("PRAGMA synchronous=NORMAL")
-        loop_db.execute("PRAGMA foreign_keys=ON")
-        loop_db.execute("PRAGMA wal_autocheckpoint=0")
-        self._loop_db = loop_db
-        # SQLite gives the WAL and shared-memory files the database's mode, less the umask
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(f"{self._path}{suffix}", 0o600)
+        # after the migration, which created the WAL files the engine makes private
+        self._engine.open_loop_connection()
 
     async def close(self) -> None:
         if self._revocation_poller is not None:
@@ -336,13 +167,10 @@ class SQLiteStore(ConversationStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._revocation_poller
             self._revocation_poller = None
-        if self._loop_db is not None:
-            self._loop_db.close()
-            self._loop_db = None
-        if self._db is not None:
-            await self._run(lambda db: db.close())
-            self._db = None
-        self._executor.shutdown(wait=True)
+        try:
+            await self._engine.close()
+        except sqlite3.Error as exc:
+            raise _outage_or(exc) from None
 
     async def schema_version(self) -> int:
         return await self._run(
@@ -592,63 +420,6 @@ def _outage_or(exc: sqlite3.Error) -> Exception:
     if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _OUTAGE_CODES:
         return history_unavailable(exc)
     return exc
-
-
-class _WriteLockTakenError(Exception):
-    """Another connection holds the file's write lock."""
-
-
-def _log_failure(work: concurrent.futures.Future[None]) -> None:
-    """On the worker: a group commit loop or a checkpoint that failed outside any write (a
-    commit loop's callers would wait for ever, so it must at least be seen)."""
-    if not work.cancelled() and work.exception() is not None:
-        log.error("history writer failed", error=repr(work.exception()))
-
-
-def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
-    """On the loop: hand each write's caller its result or its exception."""
-    for done, value, ok in outcomes:
-        if done.cancelled():
-            continue  # the caller left; the write stands (or failed) all the same
-        if ok:
-            done.set_result(value)
-        else:
-            done.set_exception(value)
-
-
-def _private_file(path: Path) -> None:
-    """Create the data directory (0700) and the database file (0600) readable by this user
-    only, whatever the umask: the history holds health conversations. A directory that
-    already exists keeps its mode (an operator may have set it); the database is made 0600."""
-    missing = []
-    parent = path.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another worker made it meanwhile
-            directory.mkdir(mode=0o700)
-            os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-    finally:
-        os.close(descriptor)
-
-
-def _enable_wal(db: sqlite3.Connection) -> None:
-    """Switch a new file to WAL (a no-op once it is). The switch takes the file exclusively and
-    SQLite answers "locked" at once rather than through the busy timeout, so workers opening a
-    new file together wait for each other here."""
-    deadline = time.monotonic() + _OPEN_TIMEOUT_SECONDS
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def _newest_revocation(db: sqlite3.Connection) -> str:
