@@ -207,16 +207,20 @@ async def test_a_failing_write_in_a_group_is_undone_alone(engine: SQLiteEngine) 
 
 
 async def test_a_caller_that_leaves_does_not_undo_its_write(engine: SQLiteEngine) -> None:
+    recorder = Recorder()
     with write_lock_held(engine.path) as other:
-        written = asyncio.create_task(engine.write(Recorder().insert("a")))
+        first = asyncio.create_task(engine.write(recorder.insert("first")))
+        await asyncio.sleep(0.2)  # the worker now waits for the lock, holding "first"
+        writes = [asyncio.create_task(engine.write(recorder.insert(n))) for n in "abc"]
         await asyncio.sleep(0.1)
-        written.cancel()
+        writes[1].cancel()
         other.execute("COMMIT")
+        await first
+    assert await writes[0] == "a"
+    assert await writes[2] == "c"  # settled though "b" before it in its group was not
     with pytest.raises(asyncio.CancelledError):
-        await written
-    follower = await engine.write(Recorder().insert("b"))  # queued after "a" on the worker
-    assert follower == "b"
-    assert names(engine.path) == ["a", "b"]
+        await writes[1]
+    assert names(engine.path) == ["first", "a", "b", "c"]
 
 
 async def test_close_waits_for_the_writes_handed_to_the_worker(tmp_path: Path) -> None:
