@@ -41,10 +41,8 @@ from bench.performance import (
     CHUNKS,
     CLOCK_TICKS,
     WORKFLOW,
-    PhaseResult,
     Round,
     load_test_env,
-    machine,
     own_cpu_seconds,
     paced_run,
     per_chunk_us,
@@ -60,6 +58,7 @@ from harness.processes import (
     start_serve,
     tree_rss_bytes,
 )
+from bench.report import PhaseResult, machine
 
 PATHS = ("emulator", "agent")
 STREAMS = 100

@@ -48,11 +48,9 @@ from bench.clients import GrpcTurns, GrpcWebTurns, SeedSseTurns, TurnClient, Tur
 from bench.performance import (
     CHUNKS,
     WORKFLOW,
-    PhaseResult,
     Round,
     cpu_seconds,
     load_test_env,
-    machine,
     own_cpu_seconds,
     paced_run,
     per_chunk_us,
@@ -68,6 +66,7 @@ from harness.processes import (
     start_emulator_process,
     start_serve,
 )
+from bench.report import PhaseResult, machine
 
 KINDS = ("grpc", "grpc-web", "sse")
 DIRECT = "grpc"

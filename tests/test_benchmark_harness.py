@@ -18,7 +18,8 @@ import pytest
 
 from bench.agent_path import PATHS
 from bench.gateway import KINDS as GATEWAY_KINDS
-from bench.performance import TARGETS, start_targets
+from bench.performance import start_targets
+from bench.report import TARGETS
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 
