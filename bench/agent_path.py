@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_seed_and_out, check_names, progress, write_report
 from bench.clients import GrpcTurns, TurnSample
 from bench.performance import (
     CHUNKS,
@@ -303,7 +303,7 @@ async def run_paths(options: argparse.Namespace) -> AgentPathReport:
             if servers.agent is not None:
                 result.log_tail["agent"] = servers.agent.log()[-2000:]
             report.paths.append(result)
-            print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+            progress(result)
     finally:
         with contextlib.suppress(Exception):
             emulator.stop()
@@ -323,23 +323,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PATHS),
         help="which paths, in order (emulator, agent)",
     )
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_seed_and_out(parser)
     options = parser.parse_args(argv)
-    unknown = set(options.paths) - set(PATHS)
-    if unknown:
-        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    check_names(parser, options.paths, PATHS, "paths")
     return options
 
 
 def main(argv: list[str] | None = None) -> AgentPathReport:
     options = parse_args(argv)
     report = asyncio.run(run_paths(options))
-    options.out.mkdir(parents=True, exist_ok=True)
-    out = options.out / "agent-path.json"
-    out.write_text(json.dumps(asdict(report), indent=2) + "\n")
-    print(markdown(report))
-    print(json.dumps(report.targets, indent=2))
+    write_report(report, options.out / "agent-path.json", markdown(report), report.targets)
     return report
 
 

@@ -39,11 +39,11 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.agent_path import load_average, machine_cpu_seconds
+from bench.cli import add_seed_and_out, check_names, write_report
 from bench.clients import GrpcTurns, GrpcWebTurns, SeedSseTurns, TurnClient, TurnSample
 from bench.performance import (
     CHUNKS,
@@ -439,22 +439,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(KINDS),
         help="which kinds of client (grpc, grpc-web, sse); the added figures need grpc",
     )
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_seed_and_out(parser)
     options = parser.parse_args(argv)
-    unknown = set(options.kinds) - set(KINDS)
-    if unknown:
-        parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
+    check_names(parser, options.kinds, KINDS, "kinds")
     return options
 
 
 def main(argv: list[str] | None = None) -> GatewayReport:
     options = parse_args(argv)
     report = asyncio.run(run_gateway(options))
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "gateway.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    print(markdown(report))
-    print(json.dumps(report.targets, indent=2))
+    write_report(report, options.out / "gateway.json", markdown(report), report.targets)
     return report
 
 

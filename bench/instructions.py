@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cli import add_seed_and_out, progress, write_report
 from bench.clients import GrpcTurns
 from bench.performance import WORKFLOW, load_test_env
 from harness.processes import (
@@ -203,7 +203,7 @@ def run(options: argparse.Namespace) -> InstructionReport:
                     server.stop()
                 counts.target = target
                 report.counts.append(counts)
-                print(json.dumps(asdict(counts)), file=sys.stderr, flush=True)
+                progress(counts)
     finally:
         emulator.stop()
     bare, ours = report.counts
@@ -241,16 +241,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=2, help="counted turns per caller")
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--paced-callers", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_seed_and_out(parser, seed=False)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> InstructionReport:
     options = parse_args(argv)
     report = run(options)
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "instructions.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    print(markdown(report))
+    write_report(report, options.out / "instructions.json", markdown(report))
     return report
 
 

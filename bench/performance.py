@@ -44,10 +44,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_seed_and_out, progress, write_report
 from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
 from harness.processes import (
     EmulatorProcess,
@@ -528,7 +529,7 @@ async def run_all(options: argparse.Namespace) -> Report:
                 for result in results:
                     result.pace_ms = pace
                     report.phases.append(result)
-                    print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+                    progress(result)
         # rounds of the two back to back, the order swapped each round: on a shared machine
         # one minute's rate differs from the next by a third, two neighbours' much less
         rounds: dict[str, list[MintResult]] = {"bare": [], "healthagent": []}
@@ -539,7 +540,7 @@ async def run_all(options: argparse.Namespace) -> Report:
                     targets, target, options.mint_concurrency, options.mint_seconds
                 )
                 rounds[target].append(mint)
-                print(json.dumps(asdict(mint)), file=sys.stderr, flush=True)
+                progress(mint)
         report.mint = [median_mint(results) for results in rounds.values()]
         report.mint_round_ratios = [
             round(ours.requests_per_second / bare.requests_per_second, 3)
@@ -559,7 +560,7 @@ async def run_all(options: argparse.Namespace) -> Report:
             )
             targets.stop_workers()
             report.open_streams.append(open_streams)
-            print(json.dumps(asdict(open_streams)), file=sys.stderr, flush=True)
+            progress(open_streams)
     finally:
         targets.stop()
     report.targets = compare(report)
@@ -608,8 +609,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.cpu_count() or 1,
         help=f"processes of `{WORKERS_TARGET}` (default: one per core)",
     )
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_seed_and_out(parser)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
         "--replot", action="store_true", help="draw the plots of --out/results.json again, no run"
@@ -625,12 +625,9 @@ def main(argv: list[str] | None = None) -> Report:
         print(markdown(report))
         return report
     report = asyncio.run(run_all(options))
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "results.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    write_report(report, options.out / "results.json", markdown(report), report.targets)
     if not options.no_plots:
         plot(report, options.out)
-    print(markdown(report))
-    print(json.dumps(report.targets, indent=2))
     return report
 
 

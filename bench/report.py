@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,6 @@ class Report:
     cpu_round_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     open_streams: list[OpenStreamsResult] = field(default_factory=list)
     targets: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def compare(report: Report) -> dict[str, Any]:
