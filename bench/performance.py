@@ -27,7 +27,7 @@ rounds (the median is reported), and
 `--open-streams` concurrent Chat streams held open with a chunk every second each.
 
 Loopback only; every phase is bounded in time. Writes `results.json` and PNG plots to `--out`,
-and prints Markdown tables.
+and prints Markdown tables (drawn by `bench/report.py`).
 """
 
 from __future__ import annotations
