@@ -1,5 +1,5 @@
 """The SQLite write engine alone, on a real file: where each write runs, grouping, ordering,
-errors, and closing. (The store's SQL on top of it is tests/test_store.py's.)"""
+errors, checkpoints and closing. (The store's SQL on top of it is tests/test_store.py's.)"""
 
 from __future__ import annotations
 
