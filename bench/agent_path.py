@@ -49,6 +49,7 @@ from bench.performance import (
     phase_result,
     tree_cpu_seconds,
 )
+from bench.report import PhaseResult, machine
 from harness.processes import (
     AgentServerProcess,
     EmulatorProcess,
@@ -58,7 +59,6 @@ from harness.processes import (
     start_serve,
     tree_rss_bytes,
 )
-from bench.report import PhaseResult, machine
 
 PATHS = ("emulator", "agent")
 STREAMS = 100

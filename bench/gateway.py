@@ -59,6 +59,7 @@ from bench.performance import (
     system_cpu_seconds,
     tree_cpu_seconds,
 )
+from bench.report import PhaseResult, machine
 from harness.processes import (
     EmulatorProcess,
     ServeProcess,
@@ -66,7 +67,6 @@ from harness.processes import (
     start_emulator_process,
     start_serve,
 )
-from bench.report import PhaseResult, machine
 
 KINDS = ("grpc", "grpc-web", "sse")
 DIRECT = "grpc"

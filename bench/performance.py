@@ -50,17 +50,6 @@ from typing import Any
 
 from bench.cli import add_seed_and_out, progress, write_report
 from bench.clients import DirectTurns, GrpcTurns, TurnClient, TurnSample
-from harness.processes import (
-    EmulatorProcess,
-    ServeProcess,
-    free_port,
-    rss_bytes,
-    start_emulator_process,
-    start_serve,
-    tree_pids,
-    tree_rss_bytes,
-    wait_for_workers,
-)
 from bench.report import (
     TARGETS,
     WORKERS_TARGET,
@@ -73,6 +62,17 @@ from bench.report import (
     machine,
     markdown,
     plot,
+)
+from harness.processes import (
+    EmulatorProcess,
+    ServeProcess,
+    free_port,
+    rss_bytes,
+    start_emulator_process,
+    start_serve,
+    tree_pids,
+    tree_rss_bytes,
+    wait_for_workers,
 )
 
 WORKFLOW = "wf_bench"
