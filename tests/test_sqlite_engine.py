@@ -4,15 +4,15 @@ errors, checkpoints and closing. (The store's SQL on top of it is tests/test_sto
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from healthagent_service.history.sqlite_engine import CHECKPOINT_EVERY_COMMITS, SQLiteEngine
+from tests.support.sqlite import loop_ticks, write_lock_held
 
 
 def _create_table(db: sqlite3.Connection) -> None:
@@ -38,19 +38,6 @@ def names(path: Path) -> list[str]:
         return [str(r[0]) for r in db.execute("SELECT name FROM items ORDER BY seq")]
     finally:
         db.close()
-
-
-@contextlib.contextmanager
-def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
-    """Another connection holding the file's write lock, as another process does mid-commit."""
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield other
-    finally:
-        if other.in_transaction:
-            other.execute("COMMIT")
-        other.close()
 
 
 def half_then_fail(db: sqlite3.Connection) -> None:
@@ -118,26 +105,15 @@ async def test_a_small_write_waits_on_the_worker_while_another_connection_writes
     engine: SQLiteEngine,
 ) -> None:
     recorder = Recorder()
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    ticker = asyncio.create_task(tick())
-    try:
+    async with loop_ticks() as ticks:
         with write_lock_held(engine.path) as other:
             written = asyncio.create_task(engine.write(recorder.insert("a"), small=True))
             await asyncio.sleep(0.3)
             assert not written.done()  # waiting for the lock, in the worker
-            assert ticks >= 10  # and the loop ran meanwhile
+            assert ticks.count >= 10  # and the loop ran meanwhile
             assert names(engine.path) == []
             other.execute("COMMIT")
             assert await asyncio.wait_for(written, 10) == "a"
-    finally:
-        ticker.cancel()
     assert recorder.threads["a"].startswith("sqlite")
     assert names(engine.path) == ["a"]
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from healthagent_service.errors import HealthAgentError
 from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
 from healthagent_service.history.sqlite_store import SQLiteStore
 from healthagent_service.history.store import ConversationStore
+from tests.support.sqlite import loop_ticks, write_lock_held
 from tests.support.stores import open_store
 
 
@@ -213,44 +213,19 @@ async def test_sqlite_write_alone_in_its_transaction_is_undone_when_it_fails(
         assert store.commits == commits + 1
 
 
-@contextlib.contextmanager
-def write_lock_held(store: SQLiteStore) -> Iterator[sqlite3.Connection]:
-    """Another connection to the store's file holding its write lock, as another
-    `serve --workers` process does while it commits."""
-    other = sqlite3.connect(store._path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield other
-    finally:
-        if other.in_transaction:
-            other.execute("COMMIT")
-        other.close()
-
-
 async def test_sqlite_turn_writes_wait_off_the_loop_while_another_connection_writes(
     tmp_path: Path,
 ) -> None:
     async with open_store("sqlite", tmp_path) as store:
         assert isinstance(store, SQLiteStore)
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        ticker = asyncio.create_task(tick())
-        try:
-            with write_lock_held(store) as other:
+        async with loop_ticks() as ticks:
+            with write_lock_held(store._path) as other:
                 begun = asyncio.create_task(store.begin_turn(user_turn("thr_1", "m")))
                 await asyncio.sleep(0.3)
                 assert not begun.done()  # waiting for the lock, in the worker
-                assert ticks >= 10  # and the loop ran meanwhile
+                assert ticks.count >= 10  # and the loop ran meanwhile
                 other.execute("COMMIT")
                 message_id = await asyncio.wait_for(begun, 10)
-        finally:
-            ticker.cancel()
         conversation = await store.get_conversation("alice", "thr_1")
         assert conversation is not None
         assert [m.id for m in conversation.messages][-1] == message_id
@@ -276,7 +251,7 @@ async def test_sqlite_group_commit_undoes_a_failing_write_alone(tmp_path: Path) 
 
         turns = [store.begin_turn(user_turn(f"thr_{i}", f"m{i}")) for i in range(20)]
         # while another connection writes, every write queues for the worker
-        with write_lock_held(store) as other:
+        with write_lock_held(store._path) as other:
             writes = asyncio.gather(
                 *turns[:10],
                 store._write(_half_a_turn_then_a_failure),
