@@ -25,6 +25,7 @@ from healthagent_service.api.decoding import TolerantRegistration
 from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
 from healthagent_service.dependencies import Check, watch_dependencies
+from healthagent_service.domain.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.emulator.embedded import Emulator, start_emulator
 from healthagent_service.history.backends import (
     OPEN_FAILURES,
@@ -52,7 +53,6 @@ from healthagent_service.upstream.chatkit import (
     ChatKitConfig,
     ChatKitUpstream,
 )
-from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.realtime import RealtimeUpstream
 from healthagent_service.upstream.realtime_config import RealtimeConfig

@@ -20,6 +20,15 @@ from healthagent_service.api import validation
 from healthagent_service.api.converter import to_chat_response, to_conversation
 from healthagent_service.api.decoding import Undecodable
 from healthagent_service.api.status import status_code, to_status
+from healthagent_service.domain.events import (
+    ChatEvent,
+    ChatUpstream,
+    MintedSession,
+    ResponseDone,
+    SessionOptions,
+    TextDelta,
+    Usage,
+)
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
 from healthagent_service.history.recorder import TurnRecorder, TurnRecording
@@ -31,15 +40,6 @@ from healthagent_service.revocation import SessionRevoker
 from healthagent_service.security.auth import ANONYMOUS, Authenticator, Principal
 from healthagent_service.security.limits import Limiter
 from healthagent_service.upstream.chatkit import ChatKitUpstream
-from healthagent_service.upstream.events import (
-    ChatEvent,
-    ChatUpstream,
-    MintedSession,
-    ResponseDone,
-    SessionOptions,
-    TextDelta,
-    Usage,
-)
 from healthagent_service.upstream.realtime import RealtimeUpstream
 from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 

@@ -18,6 +18,14 @@ from urllib.parse import quote
 import httpx
 import structlog
 
+from healthagent_service.domain.events import (
+    ChatEvent,
+    ChatTurn,
+    MintedSession,
+    SessionOptions,
+    SessionStarted,
+)
+from healthagent_service.domain.session_pool import DEFAULT_MAX_BYTES, SessionPool
 from healthagent_service.errors import (
     ErrorKind,
     FieldViolation,
@@ -30,15 +38,7 @@ from healthagent_service.upstream.chatkit_events import (
     protocol_error,
     truncated_stream,
 )
-from healthagent_service.upstream.events import (
-    ChatEvent,
-    ChatTurn,
-    MintedSession,
-    SessionOptions,
-    SessionStarted,
-)
 from healthagent_service.upstream.http_clients import ShardedHttpClient
-from healthagent_service.upstream.session_pool import DEFAULT_MAX_BYTES, SessionPool
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import BufferBudgetExceededError
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import structlog
 
-from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatEvent,
     Notice,
     NoticeLevel,
@@ -25,6 +24,7 @@ from healthagent_service.upstream.events import (
     ToolCall,
     Usage,
 )
+from healthagent_service.errors import ErrorKind, HealthAgentError
 
 log = structlog.get_logger(__name__)
 
