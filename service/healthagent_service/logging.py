@@ -6,36 +6,37 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from healthagent_service.config import LogFormat
 from healthagent_service.security.redaction import REDACTOR
 
+
+class _BoundCall(NamedTuple):
+    request_id: str
+    rpc: str
+
+
 # The request id and RPC of the call being handled, for every log line it causes. One variable
 # set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
 # tokens, several times the cost, on every call (docs/benchmarks.md, "Per chunk and per call,
 # again (run 21)").
-_CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
+_CALL: ContextVar[_BoundCall | None] = ContextVar("healthagent_call", default=None)
 
 
 def bind_call(request_id: str, rpc: str) -> None:
     """Tag the current task's log lines (and those of tasks it starts) with this call."""
-    _CALL.set((request_id, rpc))
-
-
-def current_call() -> tuple[str, str] | None:
-    """The (request id, RPC) bound in this context, if any."""
-    return _CALL.get()
+    _CALL.set(_BoundCall(request_id, rpc))
 
 
 def add_call_context(logger: Any, method_name: str, event_dict: Any) -> Any:
     """structlog processor: the bound call's `request_id` and `rpc`."""
     call = _CALL.get()
     if call is not None:
-        event_dict.setdefault("request_id", call[0])
-        event_dict.setdefault("rpc", call[1])
+        event_dict.setdefault("request_id", call.request_id)
+        event_dict.setdefault("rpc", call.rpc)
     return event_dict
 
 

@@ -1,7 +1,9 @@
 """ChatKit over HTTP: minting sessions and streaming turns (hosted, self-hosted or emulator).
 
-Wire formats: ../shared/upstream-protocols.md section 1. This module knows HTTP and ChatKit
-JSON; it yields `events.ChatEvent`s and raises `HealthAgentError`s, nothing gRPC.
+Wire formats: ChatKit's `POST {base}/chatkit/sessions` (mint), `.../sessions/{id}/cancel`, and
+`POST {base}/chatkit/conversation` (a turn, answered with Server-Sent Events that
+`chatkit_events` reads). This module knows HTTP and ChatKit JSON; it yields
+`domain.events.ChatEvent`s and raises `HealthAgentError`s, nothing gRPC.
 """
 
 from __future__ import annotations
@@ -260,7 +262,7 @@ class ChatKitUpstream:
                 f"{self._config.base_url}/chatkit/sessions/{session_id}/cancel", headers=headers
             )
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, phase="mint") from None
+            raise self._transport_error(exc, phase="cancel") from None
         if response.status_code != 200:
             raise self._http_error(
                 response.status_code, response.content, response.headers, phase="cancel"
