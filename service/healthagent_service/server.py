@@ -517,7 +517,8 @@ async def _start(
         grpc.aio.server(options=server_options(settings))
         for _ in range(settings.server.grpc_servers)
     ]
-    resources.push_async_callback(_stop_servers, servers)
+    started: list[grpc.aio.Server] = []
+    resources.push_async_callback(_stop_servers, servers, started)
     health_servicer = _register(servicer, servers)
 
     host, port = parse_listen(listen or settings.server.listen)
@@ -545,6 +546,7 @@ async def _start(
     bound, *_ = [_bind(server, address, credentials) for server in servers]
     for server in servers:
         await server.start()
+        started.append(server)
     web: HttpListener | None = None
     if web_address is not None:
         from healthagent_service.web.listener import start_http_listener
@@ -639,8 +641,18 @@ def _register(
     return health_servicer
 
 
-async def _stop_servers(servers: Sequence[grpc.aio.Server]) -> None:
-    """Stop `servers` at once (a no-op for those `RunningServer.stop` stopped already)."""
+async def _stop_servers(
+    servers: Sequence[grpc.aio.Server], started: Sequence[grpc.aio.Server]
+) -> None:
+    """Stop `servers` at once (a no-op for those `RunningServer.stop` stopped already).
+
+    grpcio releases the ports added to a server only when a started server shuts down: one
+    that never started keeps them until the process exits. Those are started first, then
+    stopped with the rest, so that a start-up that failed after binding frees its ports."""
+    for server in servers:
+        if server not in started:
+            with contextlib.suppress(Exception):  # what failed may be this very start
+                await server.start()
     await asyncio.gather(*(server.stop(None) for server in servers))
 
 
