@@ -6,10 +6,10 @@ spent waiting on the upstream (what the service adds is the rest) and the tokens
 that takes no message for `client_stall_seconds` is cut off by a stall deadline. However the
 turn ends, the upstream stream is closed and the turn written down.
 
-This is the service's per-chunk path, and it keeps the idioms that counted cheaper there:
-methods bound to locals before the loop, `type(x) is` for event types, one stall deadline per
-stream checked by a shared timer (`watchdog`) rather than a timer per write, and metrics added
-once per stream rather than per chunk (docs/benchmarks.md).
+This is the service's per-chunk path, and it keeps the idioms that counted cheaper there
+(docs/decisions/0009-per-call-python.md): methods bound to locals before the loop, `type(x) is`
+for event types, one stall deadline per stream checked by a shared timer rather than a timer per
+write (docs/decisions/0006-watchdog.md), and metrics added once per stream, not per chunk.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The HealthAgent RPC handlers: thin adapters between protobuf and the upstream."""
+"""The HealthAgent RPC handlers. Each begins the call (its request id), authenticates the
+caller, validates the request, admits it under the caller's limits, delegates (a Chat turn to
+`relay`, the rest to the upstreams and the store) and maps every failure to a status."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class _Call(NamedTuple):
     started: float  # time.perf_counter() when the handler began
     # the caller's metadata, read once: each read converts it from the gRPC core anew
     metadata: Metadata
-    # the request id as metadata, echoed to the caller (a stream's headers, a unary trailers)
+    # the request id as metadata, echoed to the caller (a stream's headers, a unary call's trailers)
     request_id_metadata: tuple[tuple[str, str]]
 
 
@@ -112,21 +114,18 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         metrics: Metrics | None = None,
         upstream_name: str = "chatkit",
     ) -> None:
-        self._chat = chat  # what Chat talks to: ChatKit or Realtime
         self._chatkit = chatkit
         self._realtime = realtime
         self._store = store
-        self._recorder = recorder
         self._revoker = revoker
         self._auth = authenticator
         self._limiter = limiter
         self._max_message_bytes = max_message_bytes
-        self._client_stall_seconds = client_stall_seconds
         self._metrics = metrics or Metrics()
         self._active_chats: set[asyncio.Task[Any]] = set()  # Chat handlers running now
         workflow = chatkit.workflow_id if upstream_name == "chatkit" else realtime.model
         self._relay = ChatRelay(
-            upstream=chat,
+            upstream=chat,  # what Chat talks to: ChatKit or Realtime
             recorder=recorder,
             metrics=self._metrics,
             stream_metrics=self._metrics.for_streams(upstream_name, workflow),
