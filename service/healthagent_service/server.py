@@ -197,8 +197,8 @@ class RunningServer:
         # their turns, closing upstream requests): let them finish before closing what they use.
         await self.servicer.wait_for_chats(timeout=5.0)
         await self.recorder.drain()
-        # then the rest, last taken first: upstreams and limits, the store, the HTTP clients,
-        # the agent child process and the emulator
+        # then the rest, last taken first: the limits, the upstreams, the agent child process,
+        # the store, the HTTP clients, the emulator
         await self.resources.aclose()
 
 
