@@ -6,37 +6,32 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 
 from healthagent_service.config import LogFormat
 from healthagent_service.security.redaction import REDACTOR
 
-
-class _BoundCall(NamedTuple):
-    request_id: str
-    rpc: str
-
-
 # The request id and RPC of the call being handled, for every log line it causes. One variable
 # set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
 # tokens, several times the cost, on every call (docs/benchmarks.md, "Per chunk and per call,
-# again (run 21)").
-_CALL: ContextVar[_BoundCall | None] = ContextVar("healthagent_call", default=None)
+# again (run 21)"). A plain pair: a named tuple's constructor would be a Python call per RPC.
+_CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
 
 
 def bind_call(request_id: str, rpc: str) -> None:
     """Tag the current task's log lines (and those of tasks it starts) with this call."""
-    _CALL.set(_BoundCall(request_id, rpc))
+    _CALL.set((request_id, rpc))
 
 
 def add_call_context(logger: Any, method_name: str, event_dict: Any) -> Any:
     """structlog processor: the bound call's `request_id` and `rpc`."""
     call = _CALL.get()
     if call is not None:
-        event_dict.setdefault("request_id", call.request_id)
-        event_dict.setdefault("rpc", call.rpc)
+        request_id, rpc = call
+        event_dict.setdefault("request_id", request_id)
+        event_dict.setdefault("rpc", rpc)
     return event_dict
 
 
