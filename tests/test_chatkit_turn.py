@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from healthagent_service.domain import events as ev
 from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.upstream import events as ev
 from healthagent_service.upstream.chatkit_events import ChatKitTurn
 
 NEW = ev.SessionStarted("cksess_1", "", "u", "wf")

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.history.models import Role, Status
-from healthagent_service.history.recorder import TurnRecorder
-from healthagent_service.history.store import ConversationStore
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatTurn,
     ResponseDone,
     SessionStarted,
     TextDelta,
     TextDone,
 )
+from healthagent_service.errors import ErrorKind, HealthAgentError
+from healthagent_service.history.models import Role, Status
+from healthagent_service.history.recorder import TurnRecorder
+from healthagent_service.history.store import ConversationStore
 from tests.support.stores import open_store
 
 TURN = ChatTurn(user="alice", device_id="", message="How did I sleep?")

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from healthagent_service.domain.events import MintedSession, SessionOptions
+from healthagent_service.domain.session_pool import SessionPool
 from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.upstream.events import MintedSession, SessionOptions
-from healthagent_service.upstream.session_pool import SessionPool
 
 
 class FakeClock:

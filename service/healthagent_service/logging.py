@@ -16,7 +16,7 @@ from healthagent_service.security.redaction import REDACTOR
 # The request id and RPC of the call being handled, for every log line it causes. One variable
 # set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
 # tokens, several times the cost, on every call (docs/benchmarks.md, "Per chunk and per call,
-# again (run 21)").
+# again (run 21)"). A plain pair: a named tuple's constructor would be a Python call per RPC.
 _CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
 
 
@@ -25,17 +25,13 @@ def bind_call(request_id: str, rpc: str) -> None:
     _CALL.set((request_id, rpc))
 
 
-def current_call() -> tuple[str, str] | None:
-    """The (request id, RPC) bound in this context, if any."""
-    return _CALL.get()
-
-
 def add_call_context(logger: Any, method_name: str, event_dict: Any) -> Any:
     """structlog processor: the bound call's `request_id` and `rpc`."""
     call = _CALL.get()
     if call is not None:
-        event_dict.setdefault("request_id", call[0])
-        event_dict.setdefault("rpc", call[1])
+        request_id, rpc = call
+        event_dict.setdefault("request_id", request_id)
+        event_dict.setdefault("rpc", rpc)
     return event_dict
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +26,7 @@ from healthagent_service.api.decoding import TolerantRegistration
 from healthagent_service.api.servicer import HealthAgentServicer
 from healthagent_service.config import EMULATOR_WORKFLOW_ID, Settings, UpstreamKind
 from healthagent_service.dependencies import Check, watch_dependencies
+from healthagent_service.domain.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.emulator.embedded import Emulator, start_emulator
 from healthagent_service.history.backends import (
     OPEN_FAILURES,
@@ -52,7 +54,6 @@ from healthagent_service.upstream.chatkit import (
     ChatKitConfig,
     ChatKitUpstream,
 )
-from healthagent_service.upstream.events import ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.realtime import RealtimeUpstream
 from healthagent_service.upstream.realtime_config import RealtimeConfig
@@ -71,8 +72,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 MAX_CONNECTION_AGE_GRACE_MS = 10 * 60_000
 
-# Mobile clients sleep, switch networks and sit behind NATs: let them ping every 20 s (even with
-# no call active) without being told "too many pings", and ping idle connections ourselves.
+# Mobile clients sleep, switch networks and sit behind NATs: let them ping as often as every 10 s,
+# even with no call active, and never answer "too many pings" (no strike limit); ping every
+# connection ourselves each 60 s and drop one that does not answer within 20 s; close one that
+# has had no call for 30 minutes.
 GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -142,7 +145,7 @@ class GenericHandlersOnly:
         """Dropped: the generic handler added beside them serves these methods."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunningServer:
     """The started servers (sharing one port) and what they own."""
 
@@ -168,6 +171,8 @@ class RunningServer:
     web: HttpListener | None = None
     # sets health from Redis and PostgreSQL being reachable (None when neither is used)
     dependency_watch: asyncio.Task[None] | None = None
+    # how to release all of the above, in the reverse order of taking (`create_server`)
+    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def stop(self, grace: float | None, drain: float = 0.0) -> None:
         """Flip health to NOT_SERVING; keep serving for `drain` s so load balancers see it;
@@ -192,15 +197,9 @@ class RunningServer:
         # their turns, closing upstream requests): let them finish before closing what they use.
         await self.servicer.wait_for_chats(timeout=5.0)
         await self.recorder.drain()
-        await self.store.close()
-        await self.limiter.close()
-        await self.realtime.close()
-        await self.chatkit.pool.close()
-        await self.http.aclose()
-        if self.emulator is not None:
-            await self.emulator.close()
-        if self.agent is not None:
-            await self.agent.stop()
+        # then the rest, last taken first: the limits, the upstreams, the agent child process,
+        # the store, the HTTP clients, the emulator
+        await self.resources.aclose()
 
 
 def _auth_header(settings: Settings) -> tuple[str, str] | None:
@@ -428,20 +427,34 @@ def describe_upstream(settings: Settings) -> str:
 
 
 async def create_server(settings: Settings, listen: str | None = None) -> RunningServer:
-    """Build, bind and start the server; `listen` may use port 0 (see `RunningServer.port`)."""
-    emulator: Emulator | None = None
+    """Build, bind and start the server; `listen` may use port 0 (see `RunningServer.port`).
+
+    Each step registers how to release what it took (sockets, connections, the agent child
+    process, the HTTP listener) on one exit stack: a failed step releases what the steps
+    before it took, and `RunningServer.stop` releases it all once it has stopped serving."""
+    REDACTOR.add(settings.secret_values())
+    async with contextlib.AsyncExitStack() as resources:
+        running = await _start(settings, listen, resources)
+        running.resources = resources.pop_all()  # from here on, `stop` releases them
+        return running
+
+
+async def _start(
+    settings: Settings, listen: str | None, resources: contextlib.AsyncExitStack
+) -> RunningServer:
     api_key = (
         settings.upstream.openai_api_key.get_secret_value()
         if settings.upstream.openai_api_key
         else None
     )
-    REDACTOR.add(settings.secret_values())
+    emulator: Emulator | None = None
     if settings.upstream.emulated:
         # The embedded emulator is a real HTTP and WebSocket server on loopback, so emulator
         # mode runs exactly the code path that OpenAI does. Its key lives only in this process.
         api_key = f"sk-emulator-{secrets.token_urlsafe(16)}"
         REDACTOR.add([api_key])
         emulator = await start_emulator(settings, api_key)
+        resources.push_async_callback(emulator.close)
     http = ShardedHttpClient(
         timeout=httpx.Timeout(
             connect=settings.upstream.connect_timeout_seconds,
@@ -452,45 +465,14 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         max_connections=settings.upstream.max_connections,
         max_buffered_bytes=settings.upstream.buffer_bytes,
     )
-    store = store_from_settings(settings)
-    agent: AgentProcess | None = None
-    try:
-        await store.open()
-    except BaseException as exc:
-        await http.aclose()
-        if emulator is not None:
-            await emulator.close()
-        if isinstance(exc, OPEN_FAILURES):  # unreachable, refused, not writable: what to fix
-            setting = (
-                "HEALTHAGENT_DATABASE_URL"
-                if settings.database.url is not None
-                else "HEALTHAGENT_DATA_DIR"
-            )
-            raise ValueError(
-                f"cannot open the conversation history, {describe_store(settings)} "
-                f"({type(exc).__name__}: {exc}); check {setting}"
-            ) from None
-        raise
-    try:
-        if settings.upstream.supervises_agent:
-            problem = missing_agent_extra()
-            if problem is not None:
-                raise ValueError(problem)
-            agent = AgentProcess(settings)
-            REDACTOR.add([agent.endpoint.auth_header[1], agent.endpoint.token_secret])
-            await agent.start()
-    except BaseException:
-        await store.close()
-        await http.aclose()
-        if emulator is not None:
-            await emulator.close()
-        if agent is not None:
-            await agent.stop()
-        raise
-    agent_mode = settings.upstream.effective_kind is UpstreamKind.AGENT
+    resources.push_async_callback(http.aclose)
+    store = await _open_store(settings)
+    resources.push_async_callback(store.close)
+    agent = await _start_agent(settings, resources) if settings.upstream.supervises_agent else None
+
     chatkit = ChatKitUpstream(
         _agent_chatkit_config(settings, agent)
-        if agent_mode
+        if settings.upstream.effective_kind is UpstreamKind.AGENT
         else _chatkit_config(settings, emulator, api_key),
         http,
         pool_size=settings.sessions.pool_size,
@@ -502,18 +484,19 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         await store.record_session(session.id, options.user, "chatkit", session.expires_at)
 
     chatkit.pool.on_minted = record_minted
+    resources.push_async_callback(chatkit.pool.close)
     realtime = RealtimeUpstream(
         _realtime_config(settings, emulator, api_key),
         http.first,
         transcripts=transcript_loader(store),
     )
+    resources.push_async_callback(realtime.close)
     uses_realtime = settings.upstream.effective_kind is UpstreamKind.REALTIME
     chat: ChatUpstream = realtime if uses_realtime else chatkit
     recorder = TurnRecorder(store, "realtime" if uses_realtime else "chatkit")
     revoker = SessionRevoker(store, chatkit, realtime)
-    options = server_options(settings)
-    servers = [grpc.aio.server(options=options) for _ in range(settings.server.grpc_servers)]
     limiter = _limiter(settings)
+    resources.push_async_callback(limiter.close)
     metrics = Metrics()
     metrics.watch_pools({"chatkit": chatkit.pool, "realtime_secrets": realtime.secrets})
     servicer = HealthAgentServicer(
@@ -530,6 +513,118 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         recorder=recorder,
         revoker=revoker,
     )
+    servers = [
+        grpc.aio.server(options=server_options(settings))
+        for _ in range(settings.server.grpc_servers)
+    ]
+    started: list[grpc.aio.Server] = []
+    resources.push_async_callback(_stop_servers, servers, started)
+    health_servicer = _register(servicer, servers)
+
+    host, port = parse_listen(listen or settings.server.listen)
+    check_exposure(settings, host)
+    web_address = _web_address(settings)
+    # the HTTP listener's calls come in on a private socket of their own: plain, whatever
+    # TLS the public port has, and always this process's
+    bridge_target = _add_bridge_port(servers[0]) if web_address else ""
+    if isinstance(limiter, RedisLimiter):
+        try:
+            await limiter.ping()
+        except Exception as exc:
+            raise ValueError(
+                f"cannot reach Redis for the per-user limits ({type(exc).__name__}: {exc}); "
+                "check HEALTHAGENT_REDIS_URL"
+            ) from None
+    await revoker.start()
+    reservation: PortReservation | None = None
+    if len(servers) > 1 and settings.server.worker_index is None:  # workers': the supervisor's
+        reservation = reserve_port(host, port)
+        resources.callback(reservation.close)
+        port = reservation.port
+    address = join_listen(host, port)
+    credentials = _tls_credentials(settings)
+    bound, *_ = [_bind(server, address, credentials) for server in servers]
+    for server in servers:
+        await server.start()
+        started.append(server)
+    web: HttpListener | None = None
+    if web_address is not None:
+        from healthagent_service.web.listener import start_http_listener
+
+        web = await start_http_listener(
+            *web_address,
+            grpc_target=bridge_target,
+            cors_origins=settings.http.allowed_origins,
+            max_message_bytes=settings.limits.max_message_bytes,
+            demo=settings.http.demo,
+            open_access=not settings.auth.configured,
+            share_port=settings.server.worker_index is not None,
+            grace_seconds=settings.server.shutdown_grace_seconds,
+            heartbeat_seconds=settings.http.heartbeat_seconds,
+        )
+        resources.push_async_callback(web.stop, 0.0)
+    metrics_port = _serve_metrics(settings, metrics)
+
+    if chat is realtime:
+        realtime.start()
+    trimmer = asyncio.create_task(trim_memory_when_quiet(lambda: servicer.active_chats))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(
+        servers=servers,
+        port=bound,
+        port_reservation=reservation,
+        health=health_servicer,
+        chatkit=chatkit,
+        realtime=realtime,
+        store=store,
+        recorder=recorder,
+        limiter=limiter,
+        servicer=servicer,
+        metrics_port=metrics_port,
+        trimmer=trimmer,
+        http=http,
+        emulator=emulator,
+        upstream_description=describe_upstream(settings),
+        agent=agent,
+        web=web,
+        dependency_watch=_watch_dependencies(settings, health_servicer, limiter, store),
+    )
+
+
+async def _open_store(settings: Settings) -> ConversationStore:
+    store = store_from_settings(settings)
+    try:
+        await store.open()
+    except OPEN_FAILURES as exc:  # unreachable, refused, not writable: say what to fix
+        setting = (
+            "HEALTHAGENT_DATABASE_URL"
+            if settings.database.url is not None
+            else "HEALTHAGENT_DATA_DIR"
+        )
+        raise ValueError(
+            f"cannot open the conversation history, {describe_store(settings)} "
+            f"({type(exc).__name__}: {exc}); check {setting}"
+        ) from None
+    return store
+
+
+async def _start_agent(settings: Settings, resources: contextlib.AsyncExitStack) -> AgentProcess:
+    """The supervised agent server, started (and stopped with `resources`)."""
+    problem = missing_agent_extra()
+    if problem is not None:
+        raise ValueError(problem)
+    agent = AgentProcess(settings)
+    REDACTOR.add([agent.endpoint.auth_header[1], agent.endpoint.token_secret])
+    resources.push_async_callback(agent.stop)  # also when starting it fails half-way
+    await agent.start()
+    return agent
+
+
+def _register(
+    servicer: HealthAgentServicer, servers: list[grpc.aio.Server]
+) -> health.aio.HealthServicer:
+    """Add HealthAgent, health and reflection to `servers`; return the health servicer."""
     # the generated registrations take any object with the server's two methods
     handlers = cast(grpc.aio.Server, GenericHandlersOnly(servers))
     pb_grpc.add_HealthAgentServicer_to_server(
@@ -543,104 +638,52 @@ async def create_server(settings: Settings, listen: str | None = None) -> Runnin
         ),
         handlers,
     )
-    reservation: PortReservation | None = None
-    web: HttpListener | None = None
-    try:
-        host, port = parse_listen(listen or settings.server.listen)
-        check_exposure(settings, host)
-        web_address = _web_address(settings)
-        # the HTTP listener's calls come in on a private socket of their own: plain, whatever
-        # TLS the public port has, and always this process's
-        bridge_target = _add_bridge_port(servers[0]) if web_address else ""
-        if isinstance(limiter, RedisLimiter):
-            try:
-                await limiter.ping()
-            except Exception as exc:
-                raise ValueError(
-                    f"cannot reach Redis for the per-user limits ({type(exc).__name__}: {exc}); "
-                    "check HEALTHAGENT_REDIS_URL"
-                ) from None
-        await revoker.start()
-        if len(servers) > 1 and settings.server.worker_index is None:  # workers': the supervisor's
-            reservation = reserve_port(host, port)
-            port = reservation.port
-        address = join_listen(host, port)
-        credentials = _tls_credentials(settings)
-        bound, *_ = [_bind(server, address, credentials) for server in servers]
-        for server in servers:
-            await server.start()
-        if web_address is not None:
-            from healthagent_service.web.listener import start_http_listener
+    return health_servicer
 
-            web = await start_http_listener(
-                *web_address,
-                grpc_target=bridge_target,
-                cors_origins=settings.http.allowed_origins,
-                max_message_bytes=settings.limits.max_message_bytes,
-                demo=settings.http.demo,
-                open_access=not settings.auth.configured,
-                share_port=settings.server.worker_index is not None,
-                grace_seconds=settings.server.shutdown_grace_seconds,
-                heartbeat_seconds=settings.http.heartbeat_seconds,
-            )
-        metrics_port = 0
-        if settings.server.metrics_listen:
-            metrics_host, wanted_port = parse_listen(settings.server.metrics_listen)
-            check_exposure(settings, metrics_host)
-            if wanted_port and settings.server.worker_index is not None:
-                wanted_port += settings.server.worker_index  # one scrape target per worker
-            metrics_port = metrics.serve(metrics_host, wanted_port)
-    except BaseException:
-        if web is not None:
-            await web.stop(0.0)
-        await asyncio.gather(*(server.stop(None) for server in servers))
-        if reservation is not None:
-            reservation.close()
-        await limiter.close()
-        await store.close()
-        await http.aclose()
-        if emulator is not None:
-            await emulator.close()
-        if agent is not None:
-            await agent.stop()
-        raise
-    if chat is realtime:
-        realtime.start()
-    trimmer = asyncio.create_task(trim_memory_when_quiet(lambda: servicer.active_chats))
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+async def _stop_servers(
+    servers: Sequence[grpc.aio.Server], started: Sequence[grpc.aio.Server]
+) -> None:
+    """Stop `servers` at once (a no-op for those `RunningServer.stop` stopped already).
+
+    grpcio releases the ports added to a server only when a started server shuts down: one
+    that never started keeps them until the process exits. Those are started first, then
+    stopped with the rest, so that a start-up that failed after binding frees its ports."""
+    for server in servers:
+        if server not in started:
+            with contextlib.suppress(Exception):  # what failed may be this very start
+                await server.start()
+    await asyncio.gather(*(server.stop(None) for server in servers))
+
+
+def _serve_metrics(settings: Settings, metrics: Metrics) -> int:
+    """Serve /metrics where HEALTHAGENT_METRICS_LISTEN says; its port, 0 when it is off."""
+    if not settings.server.metrics_listen:
+        return 0
+    host, port = parse_listen(settings.server.metrics_listen)
+    check_exposure(settings, host)
+    if port and settings.server.worker_index is not None:
+        port += settings.server.worker_index  # one scrape target per worker
+    return metrics.serve(host, port)
+
+
+def _watch_dependencies(
+    settings: Settings,
+    health_servicer: health.aio.HealthServicer,
+    limiter: Limiter,
+    store: ConversationStore,
+) -> asyncio.Task[None] | None:
+    """Readiness that follows Redis and PostgreSQL; None when neither is used."""
     checks: list[Check] = []
     if isinstance(limiter, RedisLimiter):
         checks.append(("redis", limiter.ping))
     if settings.database.url is not None:
         checks.append(("postgresql", store.ping))
-    watch = (
-        # the service's name only: readiness follows Redis and PostgreSQL, while "" (liveness)
-        # stays SERVING, or an outage would restart every replica at once
-        asyncio.create_task(watch_dependencies(health_servicer, (SERVICE_NAME,), checks))
-        if checks
-        else None
-    )
-    return RunningServer(
-        servers,
-        bound,
-        reservation,
-        health_servicer,
-        chatkit,
-        realtime,
-        store,
-        recorder,
-        limiter,
-        servicer,
-        metrics_port,
-        trimmer,
-        http,
-        emulator,
-        describe_upstream(settings),
-        agent,
-        web,
-        watch,
-    )
+    if not checks:
+        return None
+    # the service's name only: readiness follows Redis and PostgreSQL, while "" (liveness)
+    # stays SERVING, or an outage would restart every replica at once
+    return asyncio.create_task(watch_dependencies(health_servicer, (SERVICE_NAME,), checks))
 
 
 async def serve(settings: Settings, listen: str | None = None) -> None:

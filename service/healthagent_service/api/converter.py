@@ -9,9 +9,9 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from healthagent.v1 import health_agent_pb2 as pb
+from healthagent_service.domain import events as ev
 from healthagent_service.history import models
 from healthagent_service.security.redaction import REDACTOR
-from healthagent_service.upstream import events as ev
 
 _NOTICE_LEVELS = {
     ev.NoticeLevel.UNSPECIFIED: pb.NOTICE_LEVEL_UNSPECIFIED,

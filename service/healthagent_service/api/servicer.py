@@ -1,15 +1,15 @@
-"""The HealthAgent RPC handlers: thin adapters between protobuf and the upstream."""
+"""The HealthAgent RPC handlers. Each begins the call (its request id), authenticates the
+caller, validates the request, admits it under the caller's limits, delegates (a Chat turn to
+`relay`, the rest to the upstreams and the store) and maps every failure to a status."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -17,33 +17,26 @@ import structlog
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.api import validation
-from healthagent_service.api.converter import to_chat_response, to_conversation
+from healthagent_service.api.converter import to_conversation
 from healthagent_service.api.decoding import Undecodable
+from healthagent_service.api.relay import ChatRelay, RelayedStream, shutting_down
 from healthagent_service.api.status import status_code, to_status
+from healthagent_service.domain.events import ChatTurn, ChatUpstream, MintedSession, SessionOptions
 from healthagent_service.errors import ErrorKind, HealthAgentError, conversation_not_found
 from healthagent_service.history import export
-from healthagent_service.history.recorder import TurnRecorder, TurnRecording
+from healthagent_service.history.recorder import TurnRecorder
 from healthagent_service.history.store import ConversationStore
 from healthagent_service.ids import UniqueIds
-from healthagent_service.logging import bind_call, current_call
+from healthagent_service.logging import bind_call
 from healthagent_service.metrics import Metrics
 from healthagent_service.revocation import SessionRevoker
 from healthagent_service.security.auth import ANONYMOUS, Authenticator, Principal
 from healthagent_service.security.limits import Limiter
 from healthagent_service.upstream.chatkit import ChatKitUpstream
-from healthagent_service.upstream.events import (
-    ChatEvent,
-    ChatUpstream,
-    MintedSession,
-    ResponseDone,
-    SessionOptions,
-    TextDelta,
-    Usage,
-)
 from healthagent_service.upstream.realtime import RealtimeUpstream
-from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 
 log = structlog.get_logger(__name__)
+Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -56,6 +49,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` allows a fi
 _new_request_id = UniqueIds()
 
 
+class _Call(NamedTuple):
+    """The call being handled, as `_begin` found it."""
+
+    rpc: str
+    started: float  # time.perf_counter() when the handler began
+    # the caller's metadata, read once: each read converts it from the gRPC core anew
+    metadata: Metadata
+    # the request id as metadata, echoed to the caller (a stream's headers, a unary call's trailers)
+    request_id_metadata: tuple[tuple[str, str]]
+
+
 def _request_id(metadata: Metadata) -> str:
     """The caller's x-request-id if it is sane, else a new one."""
     for key, value in metadata:
@@ -64,27 +68,19 @@ def _request_id(metadata: Metadata) -> str:
     return _new_request_id()
 
 
-def _begin(context: Context, rpc: str) -> tuple[float, Metadata, tuple[tuple[str, str]]]:
-    """Start time, the caller's metadata (read once: each read converts it from the gRPC
-    core anew) and the request id's metadata; the id is on every log line of the call."""
+def _begin(context: Context, rpc: str) -> _Call:
+    """Start a call: its request id goes on every log line of the call."""
     metadata = context.invocation_metadata() or ()
     request_id = _request_id(metadata)
     bind_call(request_id, rpc)
-    return time.perf_counter(), metadata, ((REQUEST_ID_KEY, request_id),)
+    return _Call(rpc, time.perf_counter(), metadata, ((REQUEST_ID_KEY, request_id),))
 
 
-async def _fail(context: Context, error: HealthAgentError, started: float) -> NoReturn:
-    log.info(
-        "rpc failed",
-        code=status_code(error).name,
-        reason=error.reason,
-        error=error.message,
-        duration_ms=_ms_since(started),
-    )
-    call = current_call()
-    echo = ((REQUEST_ID_KEY, call[0]),) if call is not None else ()
-    await context.abort_with_status(to_status(error, trailing_metadata=echo))
-    raise AssertionError("abort_with_status returned")  # it always raises
+def _decoded(request: Request | Undecodable) -> Request:
+    """`request`, unless it did not decode: then its error (INVALID_ARGUMENT) is raised."""
+    if isinstance(request, Undecodable):
+        raise request.error
+    return request
 
 
 def _ms_since(started: float) -> float:
@@ -96,70 +92,6 @@ def _internal(exc: Exception) -> HealthAgentError:
     return HealthAgentError(
         ErrorKind.INTERNAL, "INTERNAL", "internal error; the request id identifies it in the logs"
     )
-
-
-def _shutting_down() -> HealthAgentError:
-    return HealthAgentError(
-        ErrorKind.UNAVAILABLE,
-        "SHUTTING_DOWN",
-        "the server is shutting down and its grace period ended; retry on another replica",
-        retry_after_seconds=1.0,
-    )
-
-
-def _upstream_not_unicode() -> HealthAgentError:
-    return HealthAgentError(
-        ErrorKind.UNAVAILABLE,
-        "UPSTREAM_PROTOCOL_ERROR",
-        "the upstream sent text that is not Unicode (a lone surrogate escape)",
-        retry_after_seconds=1.0,
-    )
-
-
-def _client_too_slow(limit: float) -> HealthAgentError:
-    return HealthAgentError(
-        ErrorKind.RESOURCE_EXHAUSTED,
-        "CLIENT_TOO_SLOW",
-        f"the caller took no message for {limit:g} s; the stream was ended so the reply does "
-        "not pile up in the service",
-        retry_after_seconds=1.0,
-    )
-
-
-@contextlib.asynccontextmanager
-async def _relayed(
-    stream: AsyncGenerator[ChatEvent, None],
-    recording: TurnRecording,
-    cut_reason: Callable[[], str],
-) -> AsyncIterator[AsyncGenerator[ChatEvent, None]]:
-    """Yield `stream`; on the way out close it, then write the turn down (one that did not
-    end by itself as cut off for `cut_reason()`), both to their end even when the handler is
-    cancelled meanwhile. gRPC cancels the handler when the caller leaves, which can land while
-    the upstream response is being closed (a caller that leaves during a write fails the write
-    first, then cancels); an interrupted close left the upstream connection open and its pool
-    slot taken for good."""
-    try:
-        yield stream
-    finally:
-        closing = asyncio.ensure_future(_close_and_finish(stream, recording, cut_reason()))
-        cancelled = False
-        while not closing.done():
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                cancelled = True  # finish first: it is short (socket aborted, turn written down)
-        closing.result()
-        if cancelled:
-            raise asyncio.CancelledError
-
-
-async def _close_and_finish(
-    stream: AsyncGenerator[ChatEvent, None], recording: TurnRecording, cut_reason: str
-) -> None:
-    try:
-        await stream.aclose()
-    finally:
-        await recording.finish(cut_reason)
 
 
 class HealthAgentServicer(pb_grpc.HealthAgentServicer):
@@ -182,39 +114,31 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         metrics: Metrics | None = None,
         upstream_name: str = "chatkit",
     ) -> None:
-        self._chat = chat  # what Chat talks to: ChatKit or Realtime
         self._chatkit = chatkit
         self._realtime = realtime
         self._store = store
-        self._recorder = recorder
         self._revoker = revoker
         self._auth = authenticator
         self._limiter = limiter
         self._max_message_bytes = max_message_bytes
-        self._client_stall_seconds = client_stall_seconds
         self._metrics = metrics or Metrics()
+        self._active_chats: set[asyncio.Task[Any]] = set()  # Chat handlers running now
         workflow = chatkit.workflow_id if upstream_name == "chatkit" else realtime.model
-        self._stream_metrics = self._metrics.for_streams(upstream_name, workflow)
-        self._active_chats: set[asyncio.Task[Any]] = set()
+        self._relay = ChatRelay(
+            upstream=chat,  # what Chat talks to: ChatKit or Realtime
+            recorder=recorder,
+            metrics=self._metrics,
+            stream_metrics=self._metrics.for_streams(upstream_name, workflow),
+            client_stall_seconds=client_stall_seconds,
+            shutting_down=lambda: self._shutting_down,
+            handlers=self._active_chats,
+        )
         self._shutting_down = False
-        # one timer for every stream's write limit, not one per write
-        self._watchdog = Watchdog(resolution=min(1.0, client_stall_seconds / 4))
         # The module's logger, resolved once: each call through structlog's lazy proxy binds
         # anew, which costs a line that the level filters out four times what the line costs.
         self._log = log.bind()
         # lines at info are skipped before their fields are computed when the level is higher
         self._info = bool(self._log.is_enabled_for(logging.INFO))
-
-    def _cut_reason(self, context: Context, stall: Deadline) -> str:
-        """Why a turn that did not end by itself was cut off, as the caller is told."""
-        if stall.expired:
-            return "CLIENT_TOO_SLOW"
-        if self._shutting_down:
-            return "SHUTTING_DOWN"
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return "DEADLINE_EXCEEDED"
-        return "CANCELLED"
 
     @property
     def active_chats(self) -> int:
@@ -234,38 +158,26 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         if self._active_chats:
             await asyncio.wait(list(self._active_chats), timeout=timeout)
 
-    def _record_stream(
-        self,
-        events: int,
-        *,
-        started: float,
-        waited: float,
-        first_chunk_at: float | None,
-        usage: Usage | None,
-        completed: bool,
-    ) -> None:
-        """Add one finished stream to the metrics (once per stream, not per chunk)."""
-        metrics = self._stream_metrics
-        if first_chunk_at is not None:
-            metrics.time_to_first_chunk.observe(first_chunk_at - started)
-        metrics.relayed_chunks.inc(events)
-        if completed:
-            metrics.added_latency.observe(time.perf_counter() - started - waited)
-        if usage is not None:
-            metrics.input_tokens.inc(usage.input_tokens)
-            metrics.output_tokens.inc(usage.output_tokens)
-
-    async def _fail(self, context: Context, error: HealthAgentError, started: float) -> NoReturn:
-        call = current_call()
-        rpc = call[1] if call is not None else ""
-        self._metrics.upstream_errors.labels(rpc, error.reason).inc()
-        await _fail(context, error, started)
-
     def _admit(self, principal: Principal, user: str) -> Awaitable[None]:
         """The caller may act for `user` (raises at once if not); await the result to take
         one of the user's requests (a plain function: a coroutine layer fewer per call)."""
         principal.check_user(user)
         return self._limiter.admit(user)
+
+    async def _abort(self, context: Context, call: _Call, error: HealthAgentError) -> NoReturn:
+        """End the call with `error`'s status (the request id in its trailers); log, count."""
+        self._metrics.upstream_errors.labels(call.rpc, error.reason).inc()
+        log.info(
+            "rpc failed",
+            code=status_code(error).name,
+            reason=error.reason,
+            error=error.message,
+            duration_ms=_ms_since(call.started),
+        )
+        await context.abort_with_status(
+            to_status(error, trailing_metadata=call.request_id_metadata)
+        )
+        raise AssertionError("abort_with_status returned")  # it always raises
 
     async def _unary(
         self,
@@ -276,24 +188,23 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     ) -> Response:
         """Run a unary handler's work with a request id, the caller's identity, logging and
         error mapping (`request` is checked to have decoded)."""
-        started, metadata, request_id = _begin(context, rpc)
+        call = _begin(context, rpc)
         # A unary call's headers and trailers reach the caller together, and trailers ride in
         # the same gRPC batch as the answer; headers sent first cost their own batch and
         # write, about a fifth of a MintSession's server time (docs/benchmarks.md).
-        context.set_trailing_metadata(request_id)
+        context.set_trailing_metadata(call.request_id_metadata)
+        auth = self._auth
         try:
             # with authentication off, anonymous without awaiting a coroutine for it
-            auth = self._auth
-            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
-            if type(request) is Undecodable:
-                raise request.error
+            principal = await auth.authenticate(call.metadata) if auth.enabled else ANONYMOUS
+            _decoded(request)  # raises for a request that did not decode
             response = await work(principal)
         except HealthAgentError as error:
-            await self._fail(context, error, started)
+            await self._abort(context, call, error)
         except Exception as exc:
-            await self._fail(context, _internal(exc), started)
+            await self._abort(context, call, _internal(exc))
         if self._info:
-            self._log.info("rpc finished", duration_ms=_ms_since(started))
+            self._log.info("rpc finished", duration_ms=_ms_since(call.started))
         return response
 
     # -- MintSession -----------------------------------------------------------------------
@@ -375,127 +286,54 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
     async def Chat(  # noqa: N802 - the name is the RPC's
         self, request: pb.ChatRequest | Undecodable, context: Context
     ) -> None:
-        started, metadata, request_id = _begin(context, "Chat")
-        # in the headers, so the caller has it before the first event
-        try:
-            await context.send_initial_metadata(request_id)
+        call = _begin(context, "Chat")
+        try:  # in the headers, so the caller has the request id before the first event
+            await context.send_initial_metadata(call.request_id_metadata)
         except Exception:  # the call is over already: the caller left as it began
             return
-        clock = time.perf_counter
-        waited = 0.0  # time spent waiting on the upstream
-        first_chunk_at: float | None = None
-        usage: Usage | None = None
-        completed = False
-        self._metrics.active_streams.inc()
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._active_chats.add(handler)
-        events = 0
-        ended = False  # stays False when the caller leaves (cancel, deadline, disconnect)
-        # a caller that takes no message in time: the watchdog cancels this handler
-        stall = Deadline(handler.cancel if handler is not None else lambda: None)
-        try:
-            auth = self._auth
-            principal = await auth.authenticate(metadata) if auth.enabled else ANONYMOUS
-            if isinstance(request, Undecodable):
-                raise request.error
-            turn = validation.chat_request(request, self._max_message_bytes)
-            await self._admit(principal, turn.user)
-            if self._info:
-                self._log.info(
-                    "chat started",
-                    user=turn.user,
-                    device_id=turn.device_id,
-                    conversation_id=turn.conversation_id,
-                    tool_output=turn.tool_output is not None,
-                    principal=principal.name,
-                )
-            async with self._limiter.stream(turn.user):
-                # however this handler ends, the upstream turn is closed at once, and fully,
-                # and then written down
-                recording = self._recorder.start(turn)
-                add_chunk = recording.add_chunk
-                write = context.write
-                stall_limit = self._client_stall_seconds
-                loop_time = asyncio.get_running_loop().time
-                self._watchdog.watch(stall)
-                cut_reason = functools.partial(self._cut_reason, context, stall)
-                async with _relayed(
-                    self._chat.chat(turn), recording, cut_reason
-                ) as upstream_events:
-                    next_event = upstream_events.__anext__
-                    while True:
-                        waiting_since = clock()
-                        try:
-                            event = await next_event()
-                        except StopAsyncIteration:
-                            break
-                        except Exception as exc:
-                            await recording.upstream_failed(exc)
-                            raise
-                        now = clock()
-                        waited += now - waiting_since
-                        if type(event) is TextDelta:
-                            add_chunk(event.text)
-                            if first_chunk_at is None:
-                                first_chunk_at = now
-                        else:
-                            if type(event) is ResponseDone:
-                                usage = event.usage
-                            await recording.observe(event)  # before the caller sees it
-                        try:
-                            response = to_chat_response(event)
-                        except UnicodeEncodeError:  # a lone surrogate escape in its JSON
-                            error = _upstream_not_unicode()
-                            await recording.upstream_failed(error)
-                            raise error from None
-                        # gRPC flow control makes a write wait while the caller reads slowly
-                        # (so upstream reading waits too, and nothing piles up); a caller that
-                        # takes no message for `stall_limit` seconds is cut off.
-                        stall.at = loop_time() + stall_limit
-                        await write(response)  # fails only once the call is over
-                        stall.at = NOT_ARMED
-                        events += 1
-            ended = completed = True
-        except asyncio.CancelledError:
-            if stall.expired and handler is not None:
-                handler.uncancel()  # cancelled by the watchdog, not by gRPC: the caller is there
-                ended = True
-                await self._fail(context, _client_too_slow(self._client_stall_seconds), started)
-            if not self._shutting_down:
-                raise  # the caller left; there is no one to tell
-            ended = True
-            await self._fail(context, _shutting_down(), started)
-        except HealthAgentError as error:
-            ended = True
-            await self._fail(context, error, started)
-        except Exception as exc:
-            if stall.at != NOT_ARMED:
-                # A write failed: the caller left (cancel, deadline, disconnect) while it was
-                # in flight, which gRPC may report before it cancels this handler. There is
-                # no one to tell.
-                stall.at = NOT_ARMED
-            elif not context.cancelled():
-                ended = True
-                await self._fail(context, _internal(exc), started)
-            # else a write failed because the caller left: there is no one to tell
-        finally:
-            self._watchdog.forget(stall)
-            self._metrics.active_streams.dec()
-            self._record_stream(
-                events,
-                started=started,
-                waited=waited,
-                first_chunk_at=first_chunk_at,
-                usage=usage,
-                completed=completed,
-            )
-            if handler is not None:
-                self._active_chats.discard(handler)
-            if not ended and self._info:
-                self._log.info("chat cancelled", events=events, duration_ms=_ms_since(started))
+        auth = self._auth
+        with self._relay.stream(context, call.started) as stream:
+            try:
+                principal = await auth.authenticate(call.metadata) if auth.enabled else ANONYMOUS
+                turn = validation.chat_request(_decoded(request), self._max_message_bytes)
+                await self._admit(principal, turn.user)
+                if self._info:
+                    self._log_chat_started(turn, principal)
+                async with self._limiter.stream(turn.user):
+                    await stream.relay(turn)
+                stream.turn_completed()
+            except asyncio.CancelledError:
+                error = stream.stall_error() or (shutting_down() if self._shutting_down else None)
+                if error is None:
+                    self._log_chat_cancelled(call, stream)
+                    raise  # the caller left; there is no one to tell
+                await self._abort(context, call, error)
+            except HealthAgentError as error:
+                await self._abort(context, call, error)
+            except Exception as exc:
+                if not (stream.write_failed() or context.cancelled()):
+                    await self._abort(context, call, _internal(exc))
+                self._log_chat_cancelled(call, stream)  # the caller left: no one to tell
         if self._info:
-            self._log.info("chat finished", events=events, duration_ms=_ms_since(started))
+            self._log.info(
+                "chat finished", events=stream.events, duration_ms=_ms_since(call.started)
+            )
+
+    def _log_chat_started(self, turn: ChatTurn, principal: Principal) -> None:
+        self._log.info(
+            "chat started",
+            user=turn.user,
+            device_id=turn.device_id,
+            conversation_id=turn.conversation_id,
+            tool_output=turn.tool_output is not None,
+            principal=principal.name,
+        )
+
+    def _log_chat_cancelled(self, call: _Call, stream: RelayedStream) -> None:
+        if self._info:
+            self._log.info(
+                "chat cancelled", events=stream.events, duration_ms=_ms_since(call.started)
+            )
 
     # -- history ---------------------------------------------------------------------------
 

@@ -18,10 +18,7 @@ from typing import Any
 
 import structlog
 
-from healthagent_service.errors import HealthAgentError
-from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
-from healthagent_service.history.store import ConversationStore, storable
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatEvent,
     ChatTurn,
     Passthrough,
@@ -31,6 +28,9 @@ from healthagent_service.upstream.events import (
     TextDone,
     ToolCall,
 )
+from healthagent_service.errors import HealthAgentError
+from healthagent_service.history.models import NewTurn, Role, Status, TurnOutcome
+from healthagent_service.history.store import ConversationStore, storable
 
 log = structlog.get_logger(__name__)
 

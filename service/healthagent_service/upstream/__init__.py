@@ -1,1 +1,1 @@
-"""Upstream adapters: each speaks one wire protocol and yields `events.ChatEvent`s."""
+"""Upstream adapters: each speaks one wire protocol and yields `domain.events.ChatEvent`s."""

@@ -1,7 +1,9 @@
 """ChatKit over HTTP: minting sessions and streaming turns (hosted, self-hosted or emulator).
 
-Wire formats: ../shared/upstream-protocols.md section 1. This module knows HTTP and ChatKit
-JSON; it yields `events.ChatEvent`s and raises `HealthAgentError`s, nothing gRPC.
+Wire formats: ChatKit's `POST {base}/chatkit/sessions` (mint), `.../sessions/{id}/cancel`, and
+`POST {base}/chatkit/conversation` (a turn, answered with Server-Sent Events that
+`chatkit_events` reads). This module knows HTTP and ChatKit JSON; it yields
+`domain.events.ChatEvent`s and raises `HealthAgentError`s, nothing gRPC.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from urllib.parse import quote
 import httpx
 import structlog
 
+from healthagent_service.domain.events import (
+    ChatEvent,
+    ChatTurn,
+    MintedSession,
+    SessionOptions,
+    SessionStarted,
+)
+from healthagent_service.domain.session_pool import DEFAULT_MAX_BYTES, SessionPool
 from healthagent_service.errors import (
     ErrorKind,
     FieldViolation,
@@ -30,15 +40,7 @@ from healthagent_service.upstream.chatkit_events import (
     protocol_error,
     truncated_stream,
 )
-from healthagent_service.upstream.events import (
-    ChatEvent,
-    ChatTurn,
-    MintedSession,
-    SessionOptions,
-    SessionStarted,
-)
 from healthagent_service.upstream.http_clients import ShardedHttpClient
-from healthagent_service.upstream.session_pool import DEFAULT_MAX_BYTES, SessionPool
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import BufferBudgetExceededError
 
@@ -260,7 +262,7 @@ class ChatKitUpstream:
                 f"{self._config.base_url}/chatkit/sessions/{session_id}/cancel", headers=headers
             )
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, phase="mint") from None
+            raise self._transport_error(exc, phase="cancel") from None
         if response.status_code != 200:
             raise self._http_error(
                 response.status_code, response.content, response.headers, phase="cancel"

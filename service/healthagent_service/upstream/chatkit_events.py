@@ -12,13 +12,7 @@ from typing import Any
 
 import structlog
 
-from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.upstream.chatkit_effects import (
-    ERROR_EFFECT,
-    TURN_ERROR_KINDS,
-    USAGE_EFFECT,
-)
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatEvent,
     Notice,
     NoticeLevel,
@@ -30,6 +24,12 @@ from healthagent_service.upstream.events import (
     TextDone,
     ToolCall,
     Usage,
+)
+from healthagent_service.errors import ErrorKind, HealthAgentError
+from healthagent_service.upstream.chatkit_effects import (
+    ERROR_EFFECT,
+    TURN_ERROR_KINDS,
+    USAGE_EFFECT,
 )
 from healthagent_service.upstream.upstream_json import (
     FastDecodeError,

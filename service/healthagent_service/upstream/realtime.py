@@ -24,14 +24,15 @@ import httpx
 import structlog
 from websockets.exceptions import ConnectionClosed
 
-from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError
-from healthagent_service.upstream import realtime_events as rt
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatEvent,
     ChatTurn,
     MintedSession,
     SessionStarted,
 )
+from healthagent_service.domain.session_pool import SessionPool
+from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError
+from healthagent_service.upstream import realtime_events as rt
 from healthagent_service.upstream.realtime_config import RealtimeConfig, RealtimeStats
 from healthagent_service.upstream.realtime_conversations import (
     Conversations,
@@ -41,7 +42,6 @@ from healthagent_service.upstream.realtime_conversations import (
 from healthagent_service.upstream.realtime_secrets import RealtimeSecrets
 from healthagent_service.upstream.realtime_socket import RealtimeSocket, SocketOpener
 from healthagent_service.upstream.realtime_warm_pool import WarmPool
-from healthagent_service.upstream.session_pool import SessionPool
 
 log = structlog.get_logger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from healthagent_service.domain.events import ChatTurn
 from healthagent_service.errors import conversation_not_found
-from healthagent_service.upstream.events import ChatTurn
 from healthagent_service.upstream.realtime_socket import RealtimeSocket
 
 # (user, conversation id) -> (replayable items, pending call ids), or None if not recorded.

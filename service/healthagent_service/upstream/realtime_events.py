@@ -1,7 +1,8 @@
 """Realtime API (GA) events -> the project's events, and the client events this service sends.
 
-Wire formats: ../shared/upstream-protocols.md section 2. One `RealtimeTurn` per response; it
-ends at `response.done`. Nothing here does I/O.
+Wire formats: the GA Realtime API's events as OpenAI's Realtime reference names them
+(`response.output_text.delta`, `response.done`, `error`...). One `RealtimeTurn` per response;
+it ends at `response.done`. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any
 
 import structlog
 
-from healthagent_service.errors import ErrorKind, HealthAgentError
-from healthagent_service.upstream.events import (
+from healthagent_service.domain.events import (
     ChatEvent,
     Notice,
     NoticeLevel,
@@ -25,6 +25,7 @@ from healthagent_service.upstream.events import (
     ToolCall,
     Usage,
 )
+from healthagent_service.errors import ErrorKind, HealthAgentError
 
 log = structlog.get_logger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 
+from healthagent_service.domain.events import MintedSession, SessionOptions
+from healthagent_service.domain.session_pool import SessionPool
 from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError
 from healthagent_service.upstream import realtime_events as rt
-from healthagent_service.upstream.events import MintedSession, SessionOptions
 from healthagent_service.upstream.realtime_config import RealtimeConfig
-from healthagent_service.upstream.session_pool import SessionPool
 
 
 class RealtimeSecrets:

@@ -1,5 +1,5 @@
 """The seeds' HTTP contract at `POST /functions/v1/health-agent`, so an app written for the
-Supabase Edge Function works by changing only its base URL (`../shared/seeds/`).
+Supabase Edge Function it replaces works by changing only its base URL.
 
 - `{message, user, deviceId?, stream: true, conversationId?}` (or `toolOutput {callId, output}`
   instead of `message`): a `Chat`, as Server-Sent Events named as the seed names them: `session`

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from healthagent_service.upstream.events import MintedSession, SessionOptions
+from healthagent_service.domain.events import MintedSession, SessionOptions
 
 Mint = Callable[[SessionOptions], Awaitable[MintedSession]]
 OnMinted = Callable[[SessionOptions, MintedSession], Awaitable[None]]
