@@ -574,7 +574,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--chunks", type=int, default=CHUNKS)
     # five, as for MintSession: with three, two slow rounds in one phase decide its median,
-    # and on this machine one round in four or so is slow (docs/benchmarks.md, run 25)
+    # and on this machine one round in four or so is slow
+    # (docs/benchmarks.md#benchperformance-about-35-minutes)
     parser.add_argument(
         "--rounds", type=int, default=5, help="rounds of bare and healthagent in each phase"
     )

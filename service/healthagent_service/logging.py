@@ -15,8 +15,8 @@ from healthagent_service.security.redaction import REDACTOR
 
 # The request id and RPC of the call being handled, for every log line it causes. One variable
 # set once per call: structlog's `bind_contextvars` sets one per key and builds a dict of
-# tokens, several times the cost, on every call (docs/benchmarks.md, "Per chunk and per call,
-# again (run 21)"). A plain pair: a named tuple's constructor would be a Python call per RPC.
+# tokens, several times the cost, on every call (docs/decisions/0009-per-call-python.md).
+# A plain pair: a named tuple's constructor would be a Python call per RPC.
 _CALL: ContextVar[tuple[str, str] | None] = ContextVar("healthagent_call", default=None)
 
 

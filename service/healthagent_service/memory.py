@@ -3,7 +3,7 @@
 glibc's malloc keeps freed heap pages, so a Python service's resident memory stays at its peak
 after a burst even when nothing leaked. Every little while, once the service is quiet, collect
 reference cycles and ask malloc to return what it no longer uses (`malloc_trim`). Elsewhere than
-glibc the trim does nothing.
+glibc the trim does nothing (docs/decisions/0007-malloc-and-gc-settings.md).
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ class GenericHandlersOnly:
     call it accepts, waits on all of them with `asyncio.wait` and requests the next one
     (grpc/grpc#43092; the fix, grpc/grpc#43461, is not released). With HealthAgent's, health's
     and reflection's methods registered, that was about a tenth of a MintSession's instructions
-    (docs/benchmarks.md); the generic handler serves the same methods, found by one dict lookup.
+    (docs/decisions/0003-generic-handlers.md); the generic handler serves the same methods, found
+    by one dict lookup.
     """
 
     def __init__(self, servers: Sequence[grpc.aio.Server]) -> None:
@@ -339,7 +340,8 @@ def _add_bridge_port(server: grpc.aio.Server) -> str:
 
     On Linux an abstract Unix socket, named at random: no file to clean up, reachable only from
     this network namespace (as a loopback port is), and cheaper than loopback TCP for every
-    forwarded chunk (docs/benchmarks.md, "The gateway hop"). Elsewhere a loopback TCP port.
+    forwarded chunk (docs/decisions/0008-http-listener-loopback-hop.md). Elsewhere a loopback
+    TCP port.
     """
     if sys.platform == "linux":
         address = f"unix-abstract:healthagent-bridge-{os.getpid()}-{secrets.token_hex(8)}"

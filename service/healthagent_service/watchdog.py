@@ -1,12 +1,12 @@
 """Coarse deadlines for many long-lived waits, checked by one periodic timer.
 
-A relayed chunk waits twice (for the upstream's next bytes, for the caller to take the
-message), and each wait has a limit measured in tens of seconds. One asyncio timer per wait
-(`call_later` and its `cancel`, or `asyncio.timeout`'s reschedule) cost several percent of the
-event loop per chunk (docs/benchmarks.md). Here a wait sets a number on an object registered
-once per stream, and one timer per watchdog looks at all of them every `resolution` seconds:
-a deadline fires between its moment and `resolution` later, which limits this far above the
-resolution do not notice.
+A relayed chunk waits twice (for the upstream's next bytes, for the caller to take the message),
+and each wait has a limit measured in tens of seconds. One asyncio timer per wait (`call_later`
+and its `cancel`, or `asyncio.timeout`'s reschedule) is two operations on the loop's timer heap
+per chunk, a cost that grows with the open streams (docs/decisions/0006-watchdog.md). Here a
+wait sets a number on an object registered once per stream, and one timer per watchdog looks at
+all of them every `resolution` seconds: a deadline fires between its moment and `resolution`
+later, which limits this far above the resolution do not notice.
 """
 
 from __future__ import annotations

@@ -267,7 +267,8 @@ async def run_agent_server(settings: Settings, listen: str | None = None) -> Non
     """`healthagent agent`: serve until SIGTERM or SIGINT, then let streams finish."""
     running = await start_agent_server(settings, listen, install_signal_handlers=True)
     # the SDKs leave ~230k objects alive after import: exempt them from collections, or every
-    # full collection pauses all streams for a quarter of a second (docs/benchmarks.md)
+    # full collection pauses all streams for a quarter of a second
+    # (docs/decisions/0007-malloc-and-gc-settings.md)
     tune_garbage_collector(settings.tuning.gc_gen0_threshold)
     # the supervisor (`serve` in agent mode) reads this line to learn the port
     print(json.dumps({"agent_url": running.url}), flush=True)

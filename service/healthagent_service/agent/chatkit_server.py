@@ -98,7 +98,7 @@ def _with_id(item: Any, item_id: str) -> Any:
 
 
 # chatkit 1.6.5's `process` builds this adapter for every request: about 10 ms of a busy loop
-# each, while every open stream's next chunk waits (docs/benchmarks.md, "The agent path")
+# each, while every open stream's next chunk waits (docs/benchmarks.md#known-limits)
 _REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 
 

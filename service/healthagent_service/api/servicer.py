@@ -190,8 +190,8 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         error mapping (`request` is checked to have decoded)."""
         call = _begin(context, rpc)
         # A unary call's headers and trailers reach the caller together, and trailers ride in
-        # the same gRPC batch as the answer; headers sent first cost their own batch and
-        # write, about a fifth of a MintSession's server time (docs/benchmarks.md).
+        # the same gRPC batch as the answer; headers sent first cost a batch and a write
+        # of their own (docs/decisions/0009-per-call-python.md).
         context.set_trailing_metadata(call.request_id_metadata)
         auth = self._auth
         try:
@@ -215,7 +215,7 @@ class HealthAgentServicer(pb_grpc.HealthAgentServicer):
         async def work(principal: Principal) -> pb.MintSessionResponse:
             # no coroutine for a step that does not wait (no rate to take, a pooled session):
             # a call is mostly Python, and each layer costs its instructions and its cache
-            # misses (docs/benchmarks.md)
+            # misses (docs/decisions/0009-per-call-python.md)
             mint = validation.mint_request(request)
             principal.check_user(mint.user)
             if self._limiter.limits_rate:

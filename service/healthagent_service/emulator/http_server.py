@@ -22,7 +22,7 @@ MAX_REQUEST_BODY_BYTES = 1024 * 1024
 _READ_SIZE = 65536
 # asyncio's default of 100 overflows when a busy loop takes up a ramp of new connections late:
 # the kernel drops the handshakes and clients retry after 1, 3, 7, 15 s (seen at 10,000 open
-# streams, docs/benchmarks.md). The kernel caps it at net.core.somaxconn.
+# streams, docs/emulator.md#listen-backlog). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = socket.SOMAXCONN
 
 

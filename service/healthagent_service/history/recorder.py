@@ -4,8 +4,7 @@ when the conversation is known, then how the answer ended.
 Only the session event and the end of the turn touch the database; chunks are collected in
 memory, so the per-chunk path pays one list append. The relay feeds a `TurnRecording` as it
 goes instead of reading the events through a generator of the recorder's: a generator layer
-costs every chunk a resumption each way (docs/benchmarks.md, "Per chunk and per call, again
-(run 21)").
+costs every chunk a resumption each way (docs/decisions/0009-per-call-python.md).
 """
 
 from __future__ import annotations

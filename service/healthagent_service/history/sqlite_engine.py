@@ -3,11 +3,11 @@
 SQLite allows one writer at a time. A small write (a few rows by key: a turn's start, its end, a
 minted session) is committed on the event loop's own connection at once: about 60 us each.
 Handed to a thread, each cost three times that in CPU, and under load far more, as every
-statement took the GIL back from the busy loop (docs/decisions/0005). That connection never
-waits for the lock (busy timeout 0) and never checkpoints (an fsync). When another connection
-holds the write lock (another `serve --workers` process, or this one's worker thread), the write
-goes to the worker thread instead, like every read and every write whose size depends on the
-data.
+statement took the GIL back from the busy loop (docs/decisions/0005-loop-side-sqlite-writes.md).
+That connection never waits for the lock (busy timeout 0) and never checkpoints (an fsync).
+When another connection holds the write lock (another `serve --workers` process, or this one's
+worker thread), the write goes to the worker thread instead, like every read and every write
+whose size depends on the data.
 
 The worker commits in groups: every write queued since its last commit in one
 `BEGIN IMMEDIATE` ... `COMMIT`, each in its own savepoint, so a write that fails is undone alone

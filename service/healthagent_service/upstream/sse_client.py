@@ -2,10 +2,10 @@
 
 This is the per-chunk hot path. Through httpx each SSE event crossed httpx's byte iterator,
 httpcore's connection and pool streams, h11's state machine and chunked reader and a network
-read: about a third of the event loop's time per relayed chunk, more than the gRPC write
-itself (docs/benchmarks.md). Here one asyncio protocol per connection feeds the socket's bytes
-to llhttp (`httptools`, C, the parser Node.js and uvicorn use), whose body callback feeds the
-SSE decoder, so complete events queue up as they arrive; the reader takes every queued event
+read: about a third of the event loop's time per relayed chunk, more than the gRPC write itself
+(docs/decisions/0001-sse-client.md). Here one asyncio protocol per connection feeds the socket's
+bytes to llhttp (`httptools`, C, the parser Node.js and uvicorn use), whose body callback feeds
+the SSE decoder, so complete events queue up as they arrive; the reader takes every queued event
 in one wake-up. Requests are serialized by hand (the headers are the service's own).
 
 httpx still makes every other upstream call (minting, cancelling, Realtime secrets, JWKS), and

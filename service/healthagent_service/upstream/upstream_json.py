@@ -3,7 +3,8 @@
 msgspec decodes a ChatKit text delta in a third of the time `json` takes (integers exact, like
 `json`'s). The few documents it refuses and `json` takes (NaN and Infinity, lone surrogate
 escapes, numbers past a double's range) are handed to `json`, so every event decodes exactly as
-`json.loads` decodes it, errors included (a `ValueError`).
+`json.loads` decodes it, errors included (a `ValueError`)
+(docs/decisions/0002-msgspec-decoding.md).
 """
 
 from __future__ import annotations

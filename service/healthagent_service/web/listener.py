@@ -133,8 +133,8 @@ async def _write_event_stream(
     disconnect on `receive`), which closes it and with it the call.
 
     Starlette's `StreamingResponse` runs the body in an anyio task group under uvicorn (ASGI
-    spec 2.3), which cost 3.5% of `serve`'s samples under SSE load (docs/benchmarks.md, "The
-    gateway hop"); two plain tasks a response cost nothing a chunk."""
+    spec 2.3), which cost 3.5% of `serve`'s samples under SSE load; two plain tasks a response
+    cost nothing a chunk (docs/decisions/0008-http-listener-loopback-hop.md)."""
 
     async def write() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -202,7 +202,8 @@ def _listening_socket(host: str, port: int, *, share: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets whose
     # protocol says TCP; with Nagle on, a chunk written while the last one is unacknowledged
-    # waits for the client's delayed ACK (up to 40 ms: docs/benchmarks.md, "The gateway hop")
+    # waits for the client's delayed ACK, up to 40 ms
+    # (docs/decisions/0008-http-listener-loopback-hop.md)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if share:  # `serve --workers`: the workers share the port, as they share the gRPC one

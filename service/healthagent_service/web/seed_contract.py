@@ -257,7 +257,7 @@ async def _sse(
 
     One task reads the call and one wakes every heartbeat interval, only to say so when nothing
     was sent meanwhile: waiting on each event with a timeout cost a task per event (26-43 us;
-    docs/benchmarks.md, "The gateway hop")."""
+    docs/decisions/0008-http-listener-loopback-hop.md)."""
     writer = _SeedEvents()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue(_READ_AHEAD)
