@@ -35,8 +35,8 @@ from healthagent_service.upstream.sse import (
 )
 from healthagent_service.watchdog import NOT_ARMED, Deadline, Watchdog
 
-_HIGH_WATER = 256 * 1024  # queued event bytes above which the socket stops being read
-_LOW_WATER = 64 * 1024
+# queued event bytes above which the socket stops being read, until the reader takes the queue
+_HIGH_WATER = 256 * 1024
 _MAX_BODY_BYTES = 64 * 1024  # of a response that is not an event stream (an error's body)
 # What a stream may hold for upstream events without counting against the budget shared by all
 # streams: far above what a turn's events take (a few hundred bytes each), so only a stream fed
