@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import NamedTuple, Protocol
 
+import msgspec
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -40,9 +42,14 @@ class SessionStarted:
     workflow_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    """Assistant text to append to item `item_id`."""
+class TextDelta(msgspec.Struct, gc=False):
+    """Assistant text to append to item `item_id` (treat it as immutable, like the others).
+
+    A msgspec struct, built in C (a frozen dataclass's `__init__` is Python): one is made per
+    relayed chunk, and two strings cannot form a cycle, so the garbage collector need not track
+    it. As a frozen slotted dataclass it cost 3.4% more instructions an unpaced chunk, counted
+    twice each way on a quiet machine (`bench.instructions`: 116,391 and 116,080 against 112,074
+    and 112,395; the bare server 86,814-87,119 throughout; issue 25)."""
 
     text: str
     item_id: str
