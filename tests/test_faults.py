@@ -295,3 +295,71 @@ async def test_upstream_text_no_store_takes_is_stored_alike_or_refused(
                 pass
         details = status_details(refused.value)
         assert (details.code, details.reason) == (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")
+
+
+_DEEP = 5_000  # levels: past both parsers' recursion limits (msgspec's and `json`'s)
+
+
+def _deep_json() -> bytes:
+    return b'{"type":"thread.created","thread":' + b"[" * _DEEP + b"]" * _DEEP + b"}"
+
+
+class _DeepJsonUpstream:
+    """A bad upstream on loopback whose JSON nests 5,000 deep: every ChatKit event, and every
+    answer to a session mint."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            if b"/chatkit/sessions" in head.split(b"\r\n", 1)[0]:
+                kind, payload = b"application/json", _deep_json()
+            else:
+                kind, payload = b"text/event-stream", b"data: " + _deep_json() + b"\n\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % (kind, len(payload)) + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_upstream_json_nested_past_the_parsers_is_a_protocol_error(
+    start_service: ServiceFactory,
+) -> None:
+    """An upstream event, or a mint's answer, nested 5,000 deep ends the call UNAVAILABLE
+    (UPSTREAM_PROTOCOL_ERROR), like any JSON the service cannot read (it was INTERNAL, from a
+    RecursionError, with a traceback). Issue 23, item 5's sibling on the upstream side."""
+    upstream = _DeepJsonUpstream()
+    async with listening(upstream):
+        self_hosted = await start_service(
+            HEALTHAGENT_CHATKIT_URL=f"http://127.0.0.1:{upstream.port}/ck"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as chat:
+            async for _ in self_hosted.stub.Chat(pb.ChatRequest(message="hi", user="deep")):
+                pass
+        hosted = await start_service(
+            HEALTHAGENT_UPSTREAM="chatkit",
+            OPENAI_API_KEY="sk-x",
+            OPENAI_WORKFLOW_ID="wf",
+            OPENAI_BASE_URL=f"http://127.0.0.1:{upstream.port}/v1",
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as mint:
+            await hosted.stub.MintSession(pb.MintSessionRequest(user="deep"))
+    for failure in (chat, mint):
+        details = status_details(failure.value)
+        assert (details.code, details.reason) == (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")
+        assert details.retry_delay_seconds is not None

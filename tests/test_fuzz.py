@@ -223,3 +223,13 @@ def test_upstream_json_edge_cases_parse_as_json_loads_does(text: str) -> None:
     for data in (text, text.encode()):
         value = decode_json(data)
         assert _same(value, expected), data
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_upstream_json_nested_too_deep_is_a_value_error(depth: int) -> None:
+    """Past the parsers' recursion limit: a ValueError, as for any JSON that cannot be read
+    (callers map it to UPSTREAM_PROTOCOL_ERROR), not a RecursionError (INTERNAL)."""
+    text = '{"a":' + "[" * depth + "]" * depth + "}"
+    for data in (text, text.encode()):  # a WebSocket text frame, an SSE event
+        with pytest.raises(ValueError):
+            decode_json(data)

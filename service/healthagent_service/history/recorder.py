@@ -80,7 +80,7 @@ def _thread_title(event_json: str) -> str:
     """The title in a ChatKit `thread.updated` event (automatic thread titling), if any."""
     try:
         title = json.loads(event_json)["thread"].get("title")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return ""
     return title if isinstance(title, str) else ""
 

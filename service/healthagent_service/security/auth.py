@@ -118,7 +118,7 @@ class JwksCache:
                 response = await self._http.get(self._url)
                 response.raise_for_status()
                 key_set = jwt.PyJWKSet.from_dict(response.json())
-            except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
+            except (httpx.HTTPError, ValueError, RecursionError, jwt.PyJWKSetError) as exc:
                 log.warning("could not fetch the JWKS", error=type(exc).__name__)
                 if not self._keys:
                     raise HealthAgentError(

@@ -235,7 +235,7 @@ class ChatKitUpstream:
             expires_at = int(data["expires_at"])
             session_id = str(data["id"])
             secret = str(data["client_secret"])
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
             raise protocol_error(f"session answer lacks {exc}", self._retry) from None
         remaining = expires_at - time.time()
         if remaining <= 0:
@@ -527,7 +527,7 @@ def _parse_error_envelope(content: bytes) -> tuple[str, str | None, str | None]:
     try:
         error = json.loads(content)["error"]
         return str(error.get("message") or "no message"), error.get("code"), error.get("param")
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         text = content[:200].decode(errors="replace").strip()
         return (text or "no message"), None, None
 

@@ -174,7 +174,8 @@ class ChatKitTurn:
             except FastDecodeError:
                 event = decode_with_json(data)
             kind = event["type"]
-        except (ValueError, TypeError, KeyError) as exc:
+        # RecursionError: msgspec's, for JSON nested past its limit (decode_fast is inline)
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise self._protocol_error(f"event is not a JSON object with a type ({exc})") from None
         self._events_seen += 1
         try:

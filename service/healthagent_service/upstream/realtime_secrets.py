@@ -89,7 +89,7 @@ class RealtimeSecrets:
             expires_at = int(answer["expires_at"])
             secret = str(answer["value"])
             session_id = str((answer.get("session") or {}).get("id") or "")
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
             raise rt.protocol_error(f"client secret answer lacks {exc}") from None
         remaining = expires_at - time.time()
         if remaining <= 0:
@@ -111,7 +111,7 @@ class RealtimeSecrets:
         try:
             error = response.json()["error"]
             message, param = str(error.get("message")), error.get("param")
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             message, param = response.text[:200], None
         metadata = {"upstream_status": str(response.status_code)}
         if response.status_code in (401, 403):

@@ -28,13 +28,18 @@ def decode_json(data: bytes | str) -> Any:
         return decode_fast(data)
     except FastDecodeError:
         return decode_with_json(data)
+    except RecursionError:  # msgspec raises it for JSON nested past its limit, as `json` does
+        raise ValueError("JSON nested too deep") from None
 
 
 def decode_with_json(data: bytes | str) -> Any:
     """`json.loads(data)`, for what `decode_fast` refuses."""
     text = data.decode() if isinstance(data, bytes) else data
     start = len(text) - len(text.lstrip()) if text[:1].isspace() else 0
-    value, end = _decode_with_json(text, start)
+    try:
+        value, end = _decode_with_json(text, start)
+    except RecursionError:  # an upstream's JSON nested past the parser's limit: not readable
+        raise ValueError("JSON nested too deep") from None
     if end != len(text) and text[end:].strip():
         raise ValueError(f"extra data after the JSON value at {end}")
     return value

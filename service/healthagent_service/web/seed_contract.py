@@ -392,7 +392,7 @@ def _arguments(arguments_json: str) -> Any:
     Realtime model's own, passed through)."""
     try:
         return json.loads(arguments_json or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
         return arguments_json
 
 
