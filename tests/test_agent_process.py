@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from harness.processes import HEALTHAGENT, clean_env, start_serve
+from harness.processes import HEALTHAGENT, clean_env, free_port, start_serve, wait_serving
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
 from healthagent_service.agent_process import AGENT_EXTRA_INSTALL
@@ -72,6 +72,34 @@ def test_serve_runs_restarts_and_stops_its_agent_server() -> None:
     assert status == 0, server.log()
     assert not _alive(new_pid)
     assert "Traceback" not in server.log()
+
+
+def test_the_first_quick_start_needs_no_agent_extra() -> None:
+    # the README's first command: `serve` with no key answers from the emulator, with the
+    # agent extra's packages impossible to import (as if `pip install .` alone had run)
+    script = (
+        "import sys\n"
+        "for name in ('chatkit', 'agents', 'openai'): sys.modules[name] = None\n"
+        "from healthagent_service.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--listen", address],
+        env=clean_env(HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    answer = ""
+    try:
+        wait_serving(address, timeout=30)
+        answer = _answer(address, "hello emulator")
+    except (TimeoutError, grpc.RpcError):
+        pass  # the log below says why
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log = process.communicate(timeout=30)[1].decode()
+    assert answer.startswith("You said: hello emulator."), log
+    assert process.returncode == 0 and "Traceback" not in log, log
 
 
 def _run_without_chatkit(*arguments: str, **env: str) -> subprocess.CompletedProcess[str]:

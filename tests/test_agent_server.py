@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import httpx
+import jwt
 import pytest
 from chatkit.types import AssistantMessageItem
 
@@ -369,10 +370,10 @@ async def test_minted_tokens_reach_the_agent_server_directly_until_logout(
     assert status == 200 and events[0]["type"] == "thread.created"
     thread_id = events[0]["thread"]["id"]
     # the token is alice's: her threads, and only hers, whatever the header claims
-    status, _ = await post_chatkit(
+    status, listed = await post_chatkit(
         agent, chatkit_request("threads.list"), {**bearer, "X-HealthAgent-User": "bob"}
     )
-    assert status == 200
+    assert status == 200 and [thread["id"] for thread in listed[0]["data"]] == [thread_id]
     history = await collect(chat(service, "and over gRPC", conversation_id=thread_id))
     assert _done(history).text.startswith("You said")
     revoked = await service.stub.RevokeSessions(pb.RevokeSessionsRequest(user="alice"))
@@ -385,6 +386,47 @@ async def test_minted_tokens_reach_the_agent_server_directly_until_logout(
         agent, chatkit_request("threads.list"), {"Authorization": f"Bearer {fresh.client_secret}"}
     )
     assert status == 200
+
+
+async def test_minted_tokens_are_signed_jwts_for_the_user_lasting_at_most_600_s(
+    start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    agent, service = await agent_service(start_agent, start_service)
+    for asked, lifetime in ((120, 120), (600, 600), (None, 600)):
+        request = pb.MintSessionRequest(user="alice")
+        if asked is not None:
+            request.ttl_seconds = asked
+        minted = await service.stub.MintSession(request, timeout=10)
+        assert jwt.get_unverified_header(minted.client_secret)["alg"] == "HS256"
+        claims = jwt.decode(
+            minted.client_secret,
+            TOKEN_SECRET,
+            algorithms=["HS256"],
+            audience=DEFAULT_AGENT_TOKEN_AUDIENCE,
+        )
+        assert claims["sub"] == "alice" and claims["aud"] == DEFAULT_AGENT_TOKEN_AUDIENCE
+        # exp is whole seconds, iat is not: the lifetime is what was asked, to the second
+        assert lifetime - 1 < claims["exp"] - claims["iat"] <= lifetime, (asked, claims)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await service.stub.MintSession(
+            pb.MintSessionRequest(user="alice", ttl_seconds=601), timeout=10
+        )
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # expiry is checked by the agent server itself (beyond the 30 s clock-skew leeway)
+    now = int(time.time())
+    expired = jwt.encode(
+        {
+            "iss": "healthagent",
+            "sub": "alice",
+            "aud": DEFAULT_AGENT_TOKEN_AUDIENCE,
+            "iat": now - 700,
+            "exp": now - 100,
+        },
+        TOKEN_SECRET,
+        algorithm="HS256",
+    )
+    bearer = {"Authorization": f"Bearer {expired}"}
+    assert (await post_chatkit(agent, chatkit_request("threads.list"), bearer))[0] == 401
 
 
 async def test_a_token_for_another_audience_is_refused(
