@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from healthagent_service.listen import is_loopback
 from healthagent_service.web.grpc_web import GrpcWebBridge, Receive, Scope, Send
 from healthagent_service.web.seed_contract import (
+    HEARTBEAT,
     SSE_HEADERS,
     ContractError,
     SeedContract,
@@ -71,7 +72,8 @@ class WebApp:
     ) -> None:
         self._loopback_hosts_only = loopback_hosts_only
         self.bridge = GrpcWebBridge(channel, max_message_bytes)
-        self.contract = SeedContract(channel, heartbeat_seconds)
+        self.contract = SeedContract(channel)
+        self._heartbeat_seconds = heartbeat_seconds
         self._demo = demo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,7 +91,7 @@ class WebApp:
         if path == SEED_PATH:
             answer = await self._seed(Request(scope, receive))
             if not isinstance(answer, Response):
-                await _write_event_stream(answer, receive, send)
+                await write_event_stream(answer, receive, send, self._heartbeat_seconds)
                 return
             response = answer
         elif self._demo and path in _DEMO_FILES and scope["method"] == "GET":
@@ -126,20 +128,43 @@ class WebApp:
         return answer
 
 
-async def _write_event_stream(
-    body: AsyncGenerator[bytes, None], receive: Receive, send: Send
+async def write_event_stream(
+    body: AsyncGenerator[bytes, None], receive: Receive, send: Send, heartbeat_seconds: float
 ) -> None:
-    """The SSE `body` written straight to ASGI `send`, until it ends or the client leaves (a
-    disconnect on `receive`), which closes it and with it the call.
+    """The SSE `body` written straight to ASGI `send`, a heartbeat comment in every silence of
+    `heartbeat_seconds`, until the body ends or the client leaves (a disconnect on `receive`),
+    which closes the body and with it the call.
 
-    Starlette's `StreamingResponse` runs the body in an anyio task group under uvicorn (ASGI
-    spec 2.3), which cost 3.5% of `serve`'s samples under SSE load; two plain tasks a response
-    cost nothing a chunk (docs/decisions/0008-http-listener-loopback-hop.md)."""
+    Three plain tasks a response, each woken only for its own reason: the writer by the call's
+    events, the heartbeat by its timer, the watcher by the client. Starlette's
+    `StreamingResponse` ran the body in an anyio task group (3.5% of `serve`'s samples under
+    SSE load), and a reader task handing events to the writer cost a task switch a chunk
+    (docs/decisions/0008-http-listener-loopback-hop.md). uvicorn writes each `send` whole, so a
+    heartbeat never lands inside an event."""
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+
+    async def beat() -> None:
+        nonlocal sent_at
+        while True:
+            silence = loop.time() - sent_at
+            if silence < heartbeat_seconds:
+                await asyncio.sleep(heartbeat_seconds - silence)
+                continue
+            sent_at = loop.time()
+            await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
 
     async def write() -> None:
+        nonlocal sent_at
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        async for piece in body:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        heartbeat = asyncio.create_task(beat())
+        try:
+            async for piece in body:
+                sent_at = loop.time()
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def client_left() -> None:
