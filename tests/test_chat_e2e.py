@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import TOOL_ARGUMENTS, TOOL_NAME, parse_stamp
 from tests.support.calls import collect, event_kinds
-from tests.support.service import TEST_WORKFLOW, Service, ServiceFactory
+from tests.support.service import TEST_WORKFLOW, Service, ServiceFactory, emulator_env
 
 
 def assistant_text(events: list[pb.ChatResponse]) -> str:
@@ -221,6 +222,56 @@ async def test_python_clients(service: Service) -> None:
 
     kinds = await asyncio.to_thread(sync_round_trip)
     assert kinds[0] == "session" and kinds[-1] == "response_done"
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections to `port` on this host, client ends (/proc/net/tcp{,6})."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rpartition(":")[2], 16) == port:
+                count += 1
+    return count
+
+
+async def test_python_client_channel_options_spread_calls(
+    emulator: ChatKitEmulator, start_service: ServiceFactory
+) -> None:
+    """docs/deploy.md, "Balancing gRPC": what the Python client needs for client-side balancing
+    (round_robin over every address the name resolves to) and for several connections to one
+    L4 address (channels share one connection unless their arguments differ)."""
+    first = await start_service(**emulator_env(emulator))
+    second = await start_service(**emulator_env(emulator))
+    ports = (first.running.port, second.running.port)
+    # what DNS answers for the headless Service: every ready pod
+    both = f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+
+    async def chat_four_times(client: AsyncHealthAgentClient) -> None:
+        for turn in range(4):
+            kinds = [e.WhichOneof("event") async for e in client.chat(f"t{turn}", user="lb")]
+            assert kinds[-1] == "response_done"
+
+    async def spread(**options: Any) -> list[int]:
+        async with AsyncHealthAgentClient(both, **options) as client:
+            await chat_four_times(client)
+            return [connections_to(port) for port in ports]
+
+    # gRPC's default (pick_first): one connection, one pod takes every call
+    assert sorted(await spread()) == [0, 1]
+    assert await spread(channel_options=[("grpc.lb_policy_name", "round_robin")]) == [1, 1]
+
+    async def connections_of_two_clients(**options: Any) -> int:
+        async with (
+            AsyncHealthAgentClient(first.target, **options) as one,
+            AsyncHealthAgentClient(first.target, **options) as other,
+        ):
+            await asyncio.gather(chat_four_times(one), chat_four_times(other))
+            return connections_to(ports[0])
+
+    assert await connections_of_two_clients() == 1  # the process-wide subchannel pool
+    local_pool = [("grpc.use_local_subchannel_pool", 1)]
+    assert await connections_of_two_clients(channel_options=local_pool) == 2
 
 
 @pytest.mark.parametrize("unicode_text", ["Héllo 👋 心拍数"])

@@ -28,6 +28,12 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_permit_without_calls", 1),
 )
 Metadata = Sequence[tuple[str, str]]
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def _channel_options(extra: ChannelOptions) -> list[tuple[str, Any]]:
+    """CHANNEL_OPTIONS with the caller's on top (one value per name: a caller's replaces ours)."""
+    return list({**dict(CHANNEL_OPTIONS), **dict(extra)}.items())
 
 
 def _with_token(metadata: Metadata, token: str | None) -> tuple[tuple[str, str], ...]:
@@ -107,11 +113,15 @@ class AsyncHealthAgentClient:
         token: str | None = None,
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
+        channel_options: ChannelOptions = (),
     ) -> None:
+        # channel_options: gRPC channel arguments, e.g. ("grpc.lb_policy_name", "round_robin")
+        # with a dns:/// target for client-side balancing (docs/deploy.md, "Balancing gRPC")
+        options = _channel_options(channel_options)
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, CHANNEL_OPTIONS)
+            grpc.aio.secure_channel(target, credentials, options)
             if credentials
-            else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+            else grpc.aio.insecure_channel(target, options)
         )
         self._stub = pb_grpc.HealthAgentStub(self._channel)
         self._metadata = _with_token(metadata, token)
@@ -164,11 +174,15 @@ class HealthAgentClient:
         token: str | None = None,
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
+        channel_options: ChannelOptions = (),
     ) -> None:
+        # channel_options: gRPC channel arguments, e.g. ("grpc.lb_policy_name", "round_robin")
+        # with a dns:/// target for client-side balancing (docs/deploy.md, "Balancing gRPC")
+        options = _channel_options(channel_options)
         self._channel = (
-            grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+            grpc.secure_channel(target, credentials, options)
             if credentials
-            else grpc.insecure_channel(target, CHANNEL_OPTIONS)
+            else grpc.insecure_channel(target, options)
         )
         self._stub = pb_grpc.HealthAgentStub(self._channel)
         self._metadata = _with_token(metadata, token)
