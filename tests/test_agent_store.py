@@ -3,6 +3,7 @@ and two agent servers on one PostgreSQL serving one conversation in turn."""
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -135,12 +136,22 @@ async def test_pages_follow_the_sdks_cursor_rules(store: ThreadStore) -> None:
     assert [t.id for t in listed.data][:3] == [threads[0].id, threads[2].id, threads[1].id]
 
 
-async def test_sqlite_threads_are_private_to_the_servers_user(tmp_path: Path) -> None:
-    database = SqliteDatabase(tmp_path / "fresh" / "agent.db")
-    await database.open()
-    await database.close()
-    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o700
-    assert stat.S_IMODE((tmp_path / "fresh" / "agent.db").stat().st_mode) == 0o600
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+async def test_sqlite_threads_are_private_to_the_servers_user(tmp_path: Path, umask: int) -> None:
+    """Every directory the agent's database creates is 0700 and its file 0600, whatever the
+    umask (before: only the last directory was 0700, the others 0755 under umask 022)."""
+    path = tmp_path / "fresh" / "nested" / "agent.db"
+    previous = os.umask(umask)
+    try:
+        database = SqliteDatabase(path)
+        await database.open()
+        await database.close()
+    finally:
+        os.umask(previous)
+    modes = {
+        name: stat.S_IMODE(name.stat().st_mode) for name in (path.parent.parent, path.parent, path)
+    }
+    assert modes == {path.parent.parent: 0o700, path.parent: 0o700, path: 0o600}
 
 
 async def test_two_agent_servers_on_one_postgresql_serve_one_conversation_in_turn(

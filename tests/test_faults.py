@@ -7,9 +7,13 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
+from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
@@ -363,3 +367,186 @@ async def test_upstream_json_nested_past_the_parsers_is_a_protocol_error(
         details = status_details(failure.value)
         assert (details.code, details.reason) == (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")
         assert details.retry_delay_seconds is not None
+
+
+# what a bad upstream answers in an id: a NUL (PostgreSQL text cannot hold one, SQLite can),
+# or a lone surrogate (not Unicode); `json.dumps` writes both as escapes
+_NUL, _SURROGATE = "\x00", "\ud800"
+_BAD_SESSION_TTL = 300  # a Realtime MintSession with this ttl_seconds is answered a bad id
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+
+
+def _thread_created(thread_id: str) -> dict[str, Any]:
+    return {"type": "thread.created", "thread": {"id": thread_id, "title": None}}
+
+
+class _OddIdUpstream:
+    """A bad upstream on loopback whose answers name ids no store takes as they are: hosted
+    ChatKit's session mint (the session id or client secret, by user), a self-hosted ChatKit
+    server's turns (the new thread's id, or a client tool call's, by message) and Realtime's
+    client secrets (the session id, for a MintSession of `_BAD_SESSION_TTL` seconds)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def _answer(self, path: bytes, body: bytes) -> tuple[bytes, bytes]:
+        expires = int(time.time()) + 600
+        if path.endswith(b"/chatkit/sessions"):
+            user = json.loads(body)["user"]
+            session, secret = "cksess_1", "ck_secret"
+            if user == "nul-session":
+                session = "cksess_" + _NUL
+            elif user == "surrogate-secret":
+                secret = "ck_" + _SURROGATE
+            elif user == "nul-secret":
+                secret = "ck_" + _NUL
+            answer = {"id": session, "client_secret": secret, "expires_at": expires}
+            return b"application/json", json.dumps(answer).encode()
+        if path.endswith(b"/realtime/client_secrets"):
+            bad = json.loads(body)["expires_after"]["seconds"] == _BAD_SESSION_TTL
+            session = "sess_" + _NUL if bad else "sess_1"
+            answer = {"value": "ek_1", "expires_at": expires, "session": {"id": session}}
+            return b"application/json", json.dumps(answer).encode()
+        message = json.loads(body)["params"]["input"]["content"][0]["text"]
+        if message == "nul thread":
+            return b"text/event-stream", _sse(_thread_created("thr_" + _NUL))
+        if message == "surrogate thread":
+            return b"text/event-stream", _sse(_thread_created("thr_" + _SURROGATE))
+        call = {
+            "type": "thread.item.done",
+            "item": {
+                "id": "tc_1",
+                "type": "client_tool_call",
+                "status": "pending",
+                "call_id": "call_" + _NUL,
+                "name": "get_steps",
+                "arguments": {},
+            },
+        }
+        return b"text/event-stream", _sse(_thread_created("thr_call"), call)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+            kind, payload = self._answer(head.split(b" ", 2)[1], body)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % (kind, len(payload)) + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _realtime_socket_with_a_nul_session_id(connection: ServerConnection) -> None:
+    """A Realtime socket whose session is named with a NUL, and which then answers a turn."""
+    await connection.send(
+        json.dumps({"type": "session.created", "session": {"id": "sess_" + _NUL}})
+    )
+    async for raw in connection:
+        kind = json.loads(raw)["type"]
+        if kind == "session.update":
+            await connection.send('{"type":"session.updated","session":{}}')
+        elif kind == "response.create":
+            await connection.send(
+                '{"type":"response.output_text.done","item_id":"item_1","text":"Hi."}'
+            )
+            await connection.send(
+                '{"type":"response.done","response":{"status":"completed","output":[]}}'
+            )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_upstream_ids_no_store_takes_are_a_protocol_error(
+    start_service: ServiceFactory, backend: str
+) -> None:
+    """A session id, client secret, thread id or call id with a NUL or a lone surrogate, from
+    hosted ChatKit's mint, a self-hosted ChatKit server's turn, Realtime's mint or its socket,
+    ends the call UNAVAILABLE UPSTREAM_PROTOCOL_ERROR with RetryInfo on both backends, with
+    nothing recorded but a whole turn (before: PostgreSQL failed the history write, INTERNAL,
+    where SQLite stored the id and the call ended OK). Issue 23, item 3's sibling."""
+    upstream = _OddIdUpstream()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(listening(upstream))
+        sockets = await stack.enter_async_context(
+            serve(_realtime_socket_with_a_nul_session_id, "127.0.0.1", 0)
+        )
+        socket_port = sockets.sockets[0].getsockname()[1]
+        env: dict[str, str] = {}
+        if backend == "postgres":
+            schema = await stack.enter_async_context(postgres_schema())
+            env = {"HEALTHAGENT_DATABASE_URL": POSTGRES_DSN, "HEALTHAGENT_DATABASE_SCHEMA": schema}
+        base = f"http://127.0.0.1:{upstream.port}"
+        failures: list[grpc.aio.AioRpcError] = []
+
+        async def fails(call: Awaitable[object]) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await call
+            failures.append(failure.value)
+
+        async def chat(stub: Any, message: str, user: str) -> None:
+            async for _ in stub.Chat(pb.ChatRequest(message=message, user=user)):
+                pass
+
+        hosted = await start_service(
+            **env,
+            HEALTHAGENT_UPSTREAM="chatkit",
+            OPENAI_API_KEY="sk-x",
+            OPENAI_WORKFLOW_ID="wf",
+            OPENAI_BASE_URL=f"{base}/v1",
+            OPENAI_REALTIME_URL=f"ws://127.0.0.1:{socket_port}/realtime",
+            HEALTHAGENT_REALTIME_WARM_SOCKETS="0",
+        )
+        for user in ("nul-session", "nul-secret", "surrogate-secret"):
+            await fails(hosted.stub.MintSession(pb.MintSessionRequest(user=user)))
+        await fails(
+            hosted.stub.MintSession(
+                pb.MintSessionRequest(
+                    user="rt", kind=pb.SESSION_KIND_REALTIME, ttl_seconds=_BAD_SESSION_TTL
+                )
+            )
+        )
+        self_hosted = await start_service(**env, HEALTHAGENT_CHATKIT_URL=f"{base}/ck")
+        for message in ("nul thread", "surrogate thread"):
+            await fails(chat(self_hosted.stub, message, "thready"))
+        await fails(chat(self_hosted.stub, "nul call", "caller"))
+        realtime = await start_service(
+            **env,
+            HEALTHAGENT_UPSTREAM="realtime",
+            OPENAI_API_KEY="sk-x",
+            OPENAI_BASE_URL=f"{base}/v1",
+            OPENAI_REALTIME_URL=f"ws://127.0.0.1:{socket_port}/realtime",
+            HEALTHAGENT_REALTIME_WARM_SOCKETS="0",
+        )
+        await fails(chat(realtime.stub, "hi", "rt"))
+        details = [status_details(failure) for failure in failures]
+        assert [(d.code, d.reason) for d in details] == [
+            (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")
+        ] * 8, [d.message for d in details]
+        assert all(d.retry_delay_seconds is not None for d in details)
+        # a thread never named is not recorded; the tool call's turn is, whole, without it
+        for stub, user in ((self_hosted.stub, "thready"), (realtime.stub, "rt")):
+            page = await stub.ListConversations(pb.ListConversationsRequest(user=user))
+            assert not page.conversations
+        stored = await self_hosted.stub.GetConversation(
+            pb.GetConversationRequest(user="caller", conversation_id="thr_call")
+        )
+        answer = stored.conversation.messages[-1]
+        assert (answer.status, answer.error_reason, list(answer.tool_calls)) == (
+            pb.MESSAGE_STATUS_FAILED,
+            "UPSTREAM_PROTOCOL_ERROR",
+            [],
+        )

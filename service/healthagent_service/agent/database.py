@@ -9,16 +9,16 @@ written once, with `?` placeholders and standard `ON CONFLICT` upserts, which bo
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import sqlite3
-import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
+
+from healthagent_service.history.sqlite_engine import private_file
 
 Row = tuple[Any, ...]
 
@@ -83,11 +83,9 @@ class SqliteDatabase:
         await self._run(self._open)
 
     def _open(self) -> None:
-        # conversations are health data: readable by this user only, whatever the umask
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self._path.parent, stat.S_IRWXU)
-        self._path.touch(mode=0o600, exist_ok=True)
-        os.chmod(self._path, stat.S_IRUSR | stat.S_IWUSR)
+        # conversations are health data: every directory made 0700 and the file 0600, whatever
+        # the umask, as the history's file is (mkdir(parents=True) gave only the last 0700)
+        private_file(self._path)
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA busy_timeout=30000")

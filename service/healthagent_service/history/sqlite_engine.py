@@ -71,7 +71,7 @@ class SQLiteEngine:
         mode. Until `open_loop_connection`, every write goes to the worker."""
 
         def connect() -> sqlite3.Connection:
-            _private_file(self.path)
+            private_file(self.path)
             db = sqlite3.connect(
                 self.path,
                 isolation_level=None,
@@ -259,7 +259,7 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
             done.set_exception(value)
 
 
-def _private_file(path: Path) -> None:
+def private_file(path: Path) -> None:
     """Create the data directory (0700) and the database file (0600) readable by this user
     only, whatever the umask: the history holds health conversations. A directory that
     already exists keeps its mode (an operator may have set it); the database is made 0600."""

@@ -43,6 +43,7 @@ from healthagent_service.upstream.chatkit_events import (
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import BufferBudgetExceededError
+from healthagent_service.upstream.upstream_json import upstream_id
 
 log = structlog.get_logger(__name__)
 
@@ -233,8 +234,8 @@ class ChatKitUpstream:
         try:
             data = json.loads(content)
             expires_at = int(data["expires_at"])
-            session_id = str(data["id"])
-            secret = str(data["client_secret"])
+            session_id = upstream_id(data["id"], "session id")
+            secret = upstream_id(data["client_secret"], "client secret")
         except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
             raise protocol_error(f"session answer lacks {exc}", self._retry) from None
         remaining = expires_at - time.time()

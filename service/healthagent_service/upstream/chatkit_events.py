@@ -35,6 +35,7 @@ from healthagent_service.upstream.upstream_json import (
     FastDecodeError,
     decode_fast,
     decode_with_json,
+    upstream_id,
 )
 
 log = structlog.get_logger(__name__)
@@ -248,10 +249,12 @@ class ChatKitTurn:
             raise self._protocol_error(
                 f"a new thread's stream began with {kind!r}, not thread.created"
             )
+        # checked before the session event begins the turn's record: nothing half-written
+        thread_id = upstream_id(event["thread"]["id"], "thread id")
         self._conversation_known = True
         session = self._session
         self._session = SessionStarted(
-            session.session_id, event["thread"]["id"], session.user, session.workflow_id
+            session.session_id, thread_id, session.user, session.workflow_id
         )
         return self._session
 
@@ -266,7 +269,10 @@ class ChatKitTurn:
         if item_type == "client_tool_call" and item.get("status") == "pending":
             self._tool_call_pending = True
             return ToolCall(
-                item["call_id"], item["name"], json.dumps(item.get("arguments") or {}), item_id
+                upstream_id(item["call_id"], "call id"),
+                item["name"],
+                json.dumps(item.get("arguments") or {}),
+                item_id,
             )
         return Passthrough("thread.item.done", data.decode())
 

@@ -225,8 +225,10 @@ class RealtimeUpstream:
                 raw = await socket.receive()
                 try:
                     event = translator.translate(raw)
-                except (KeyError, TypeError, AttributeError) as exc:
-                    raise rt.protocol_error(f"{raw.get('type')} event lacks {exc}") from None
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    raise rt.protocol_error(
+                        f"{raw.get('type')} event lacks {exc}", self._config.retry_after_seconds
+                    ) from None
                 if event is None:
                     continue
                 if not result.yielded:

@@ -26,6 +26,7 @@ from healthagent_service.domain.events import (
     Usage,
 )
 from healthagent_service.errors import ErrorKind, HealthAgentError
+from healthagent_service.upstream.upstream_json import upstream_id
 
 log = structlog.get_logger(__name__)
 
@@ -116,10 +117,14 @@ def _error_fields(event: dict[str, Any]) -> tuple[str, str]:
     return str(error.get("code") or error.get("type") or "error"), str(error.get("message") or "")
 
 
-def protocol_error(detail: str) -> HealthAgentError:
-    """The status for an event (or an answer) that is not what the Realtime API sends."""
+def protocol_error(detail: str, retry_after_seconds: float = 1.0) -> HealthAgentError:
+    """The status for an event (or an answer) that is not what the Realtime API sends: to be
+    retried, like ChatKit's (a bad answer may be a passing fault)."""
     return HealthAgentError(
-        ErrorKind.UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR", f"malformed Realtime event: {detail}"
+        ErrorKind.UNAVAILABLE,
+        "UPSTREAM_PROTOCOL_ERROR",
+        f"malformed Realtime event: {detail}",
+        retry_after_seconds=retry_after_seconds,
     )
 
 
@@ -228,10 +233,9 @@ class RealtimeTurn:
             return TextDone(event["text"], event["item_id"])
         if kind == "response.function_call_arguments.done":
             self.response_events += 1
-            self.call_ids.add(event["call_id"])
-            return ToolCall(
-                event["call_id"], event["name"], event["arguments"], event.get("item_id", "")
-            )
+            call_id = upstream_id(event["call_id"], "call id")
+            self.call_ids.add(call_id)
+            return ToolCall(call_id, event["name"], event["arguments"], event.get("item_id", ""))
         if kind == "response.done":
             return self._response_done(event["response"])
         if kind == "error":

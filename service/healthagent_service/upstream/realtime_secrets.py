@@ -15,6 +15,7 @@ from healthagent_service.domain.session_pool import SessionPool
 from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError
 from healthagent_service.upstream import realtime_events as rt
 from healthagent_service.upstream.realtime_config import RealtimeConfig
+from healthagent_service.upstream.upstream_json import upstream_id
 
 
 class RealtimeSecrets:
@@ -87,13 +88,18 @@ class RealtimeSecrets:
         try:
             answer = response.json()
             expires_at = int(answer["expires_at"])
-            secret = str(answer["value"])
-            session_id = str((answer.get("session") or {}).get("id") or "")
+            secret = upstream_id(answer["value"], "client secret")
+            session_id = upstream_id((answer.get("session") or {}).get("id") or "", "session id")
         except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
-            raise rt.protocol_error(f"client secret answer lacks {exc}") from None
+            raise rt.protocol_error(
+                f"client secret answer lacks {exc}", self._config.retry_after_seconds
+            ) from None
         remaining = expires_at - time.time()
         if remaining <= 0:
-            raise rt.protocol_error("the upstream minted a secret that has already expired")
+            raise rt.protocol_error(
+                "the upstream minted a secret that has already expired",
+                self._config.retry_after_seconds,
+            )
         return MintedSession(
             id=session_id,
             client_secret=secret,

@@ -21,7 +21,7 @@ from healthagent_service.errors import ErrorKind, HealthAgentError
 from healthagent_service.upstream import realtime_events as rt
 from healthagent_service.upstream.realtime_config import RealtimeConfig, RealtimeStats
 from healthagent_service.upstream.realtime_secrets import RealtimeSecrets
-from healthagent_service.upstream.upstream_json import decode_json
+from healthagent_service.upstream.upstream_json import decode_json, upstream_id
 
 log = structlog.get_logger(__name__)
 
@@ -166,7 +166,14 @@ class SocketOpener:
                 created = await socket.receive()
             if created.get("type") != "session.created":
                 raise rt.protocol_error(f"first event was {created.get('type')!r}")
-            socket.session_id = str((created.get("session") or {}).get("id") or "")
+            try:  # before any turn is recorded with it
+                socket.session_id = upstream_id(
+                    (created.get("session") or {}).get("id") or "", "session id"
+                )
+            except ValueError as exc:
+                raise rt.protocol_error(
+                    f"session.created event lacks {exc}", self._config.retry_after_seconds
+                ) from None
             await socket.send(
                 rt.session_update(self._config.instructions, list(self._config.tools))
             )

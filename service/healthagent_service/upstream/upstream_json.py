@@ -43,3 +43,22 @@ def decode_with_json(data: bytes | str) -> Any:
     if end != len(text) and text[end:].strip():
         raise ValueError(f"extra data after the JSON value at {end}")
     return value
+
+
+def upstream_id(value: object, name: str) -> str:
+    """`value`, an id an upstream answered (a session, thread or call id, a client secret), if
+    the service can keep it and send it on as it is: a string without a NUL (PostgreSQL text
+    cannot hold one; SQLite can, so the backends would differ) or a lone surrogate escape (not
+    Unicode: neither store nor protobuf can encode it). ValueError otherwise, which the callers
+    turn into UPSTREAM_PROTOCOL_ERROR. Unlike upstream text (`history.store.storable`), an id is
+    not mended: with U+FFFD in place of the character it would name something else."""
+    if not isinstance(value, str):
+        raise ValueError(f"a {name} that is a string")
+    if "\x00" in value:
+        raise ValueError(f"a {name} without a NUL")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"a {name} that is Unicode (not a lone surrogate)") from None
+    return value
