@@ -416,6 +416,10 @@ class _OddIdUpstream:
             return b"text/event-stream", _sse(_thread_created("thr_" + _NUL))
         if message == "surrogate thread":
             return b"text/event-stream", _sse(_thread_created("thr_" + _SURROGATE))
+        if message == "long thread":  # storable, but no conversation id a caller may send
+            return b"text/event-stream", _sse(_thread_created("thr_" + "a" * 125))
+        if message == "newline thread":
+            return b"text/event-stream", _sse(_thread_created("thr_x\n"))
         call = {
             "type": "thread.item.done",
             "item": {
@@ -473,7 +477,8 @@ async def _realtime_socket_with_a_nul_session_id(connection: ServerConnection) -
 async def test_upstream_ids_no_store_takes_are_a_protocol_error(
     start_service: ServiceFactory, backend: str
 ) -> None:
-    """A session id, client secret, thread id or call id with a NUL or a lone surrogate, from
+    """A session id, client secret, thread id or call id with a NUL or a lone surrogate (or a
+    thread id that is no conversation id, which the caller could not send back), from
     hosted ChatKit's mint, a self-hosted ChatKit server's turn, Realtime's mint or its socket,
     ends the call UNAVAILABLE UPSTREAM_PROTOCOL_ERROR with RetryInfo on both backends, with
     nothing recorded but a whole turn (before: PostgreSQL failed the history write, INTERNAL,
@@ -520,7 +525,7 @@ async def test_upstream_ids_no_store_takes_are_a_protocol_error(
             )
         )
         self_hosted = await start_service(**env, HEALTHAGENT_CHATKIT_URL=f"{base}/ck")
-        for message in ("nul thread", "surrogate thread"):
+        for message in ("nul thread", "surrogate thread", "long thread", "newline thread"):
             await fails(chat(self_hosted.stub, message, "thready"))
         await fails(chat(self_hosted.stub, "nul call", "caller"))
         realtime = await start_service(
@@ -535,7 +540,7 @@ async def test_upstream_ids_no_store_takes_are_a_protocol_error(
         details = [status_details(failure) for failure in failures]
         assert [(d.code, d.reason) for d in details] == [
             (UNAVAILABLE, "UPSTREAM_PROTOCOL_ERROR")
-        ] * 8, [d.message for d in details]
+        ] * 10, [d.message for d in details]
         assert all(d.retry_delay_seconds is not None for d in details)
         # a thread never named is not recorded; the tool call's turn is, whole, without it
         for stub, user in ((self_hosted.stub, "thready"), (realtime.stub, "rt")):

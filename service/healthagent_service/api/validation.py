@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 from google.protobuf import struct_pb2
 
 from healthagent.v1 import health_agent_pb2 as pb
-from healthagent_service.domain.events import ChatTurn, ToolOutput
+from healthagent_service.domain.events import CONVERSATION_ID, ChatTurn, ToolOutput
 from healthagent_service.errors import FieldViolation, invalid_argument
-from healthagent_service.history.models import CONVERSATION_ID
 
 MAX_ID_CHARS = 256
 MAX_MESSAGE_BYTES = 32 * 1024

@@ -5,6 +5,7 @@ Adapters produce these; `api/converter.py` is the one place that turns them into
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,12 @@ class NoticeLevel(Enum):
     INFO = "info"
     WARNING = "warning"
     DANGER = "danger"
+
+
+# What a conversation id may be (use `fullmatch`: `$` would also match before a trailing
+# newline). Callers send it back to continue a conversation, so an upstream's thread id must be
+# one too.
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)

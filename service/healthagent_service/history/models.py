@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
-
-# What a conversation id may be (use `fullmatch`: `$` would also match before a trailing newline).
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 class Role(StrEnum):

@@ -10,9 +10,9 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+from healthagent_service.domain.events import CONVERSATION_ID
 from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError, invalid_argument
 from healthagent_service.history.models import (
-    CONVERSATION_ID,
     Conversation,
     ConversationPage,
     NewTurn,

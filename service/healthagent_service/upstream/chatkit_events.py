@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from healthagent_service.domain.events import (
+    CONVERSATION_ID,
     ChatEvent,
     Notice,
     NoticeLevel,
@@ -251,6 +252,9 @@ class ChatKitTurn:
             )
         # checked before the session event begins the turn's record: nothing half-written
         thread_id = upstream_id(event["thread"]["id"], "thread id")
+        if not CONVERSATION_ID.fullmatch(thread_id):
+            # it becomes the conversation id, which the caller sends back to continue
+            raise self._protocol_error("a thread id of 1-128 characters from A-Z a-z 0-9 _ . : -")
         self._conversation_known = True
         session = self._session
         self._session = SessionStarted(
