@@ -19,7 +19,7 @@ from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.emulator.chatkit_emulator import ChatKitEmulator
 from healthagent_service.emulator.script import plan_reply
 from tests.support.calls import event_kinds, status_details
-from tests.support.loopback_server import listening
+from tests.support.loopback_server import OneRequestUpstream, answer_whole, listening
 from tests.support.service import ServiceFactory, emulator_env
 from tests.support.stores import POSTGRES_DSN, postgres_schema
 
@@ -100,34 +100,19 @@ async def test_connection_refused(start_service: ServiceFactory) -> None:
     assert status_details(failure.value).reason == "UPSTREAM_UNAVAILABLE"
 
 
-class _HoardingUpstream:
+class _HoardingUpstream(OneRequestUpstream):
     """A bad upstream on loopback: answers every turn with an event stream whose first event
     is 3 MiB long and never ends (under the 8 MiB event limit, so each alone is allowed)."""
 
     EVENT_BYTES = 3 * 1024 * 1024
 
-    def __init__(self) -> None:
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
-            writer.write(b"data: " + b"x" * self.EVENT_BYTES)
-            await writer.drain()
-            await reader.read()  # hold until the service or the test closes the connection
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(
+        self, path: bytes, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+        writer.write(b"data: " + b"x" * self.EVENT_BYTES)
+        await writer.drain()
+        await reader.read()  # hold until the service or the test closes the connection
 
 
 async def test_streams_together_hold_a_bounded_amount_of_upstream_events(
@@ -308,37 +293,17 @@ def _deep_json() -> bytes:
     return b'{"type":"thread.created","thread":' + b"[" * _DEEP + b"]" * _DEEP + b"}"
 
 
-class _DeepJsonUpstream:
+class _DeepJsonUpstream(OneRequestUpstream):
     """A bad upstream on loopback whose JSON nests 5,000 deep: every ChatKit event, and every
     answer to a session mint."""
 
-    def __init__(self) -> None:
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
-            if b"/chatkit/sessions" in head.split(b"\r\n", 1)[0]:
-                kind, payload = b"application/json", _deep_json()
-            else:
-                kind, payload = b"text/event-stream", b"data: " + _deep_json() + b"\n\n"
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n" % (kind, len(payload)) + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(
+        self, path: bytes, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if path.endswith(b"/chatkit/sessions"):
+            await answer_whole(writer, b"application/json", _deep_json())
+        else:
+            await answer_whole(writer, b"text/event-stream", b"data: " + _deep_json() + b"\n\n")
 
 
 async def test_upstream_json_nested_past_the_parsers_is_a_protocol_error(
@@ -383,15 +348,11 @@ def _thread_created(thread_id: str) -> dict[str, Any]:
     return {"type": "thread.created", "thread": {"id": thread_id, "title": None}}
 
 
-class _OddIdUpstream:
+class _OddIdUpstream(OneRequestUpstream):
     """A bad upstream on loopback whose answers name ids no store takes as they are: hosted
     ChatKit's session mint (the session id or client secret, by user), a self-hosted ChatKit
     server's turns (the new thread's id, or a client tool call's, by message) and Realtime's
     client secrets (the session id, for a MintSession of `_BAD_SESSION_TTL` seconds)."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
 
     def _answer(self, path: bytes, body: bytes) -> tuple[bytes, bytes]:
         expires = int(time.time()) + 600
@@ -433,26 +394,10 @@ class _OddIdUpstream:
         }
         return b"text/event-stream", _sse(_thread_created("thr_call"), call)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            body = await reader.readexactly(length)
-            kind, payload = self._answer(head.split(b" ", 2)[1], body)
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n" % (kind, len(payload)) + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(
+        self, path: bytes, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await answer_whole(writer, *self._answer(path, body))
 
 
 async def _realtime_socket_with_a_nul_session_id(connection: ServerConnection) -> None:
