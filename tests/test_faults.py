@@ -220,39 +220,21 @@ def _turn_with_text(thread: str, escaped_text: str) -> bytes:
     )
 
 
-class _OddTextUpstream:
+class _OddTextUpstream(OneRequestUpstream):
     """A self-hosted ChatKit server on loopback whose answers hold text no store takes as it
     is: a NUL (PostgreSQL text cannot hold one), or a lone surrogate escape (not Unicode)."""
 
     def __init__(self) -> None:
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
+        super().__init__()
         self.turns = 0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            body = await reader.readexactly(length)
-            self.turns += 1
-            thread = f"thr_odd{self.turns}"
-            text = "lone \\ud800 half" if b"surrogate" in body else "a\\u0000b"
-            payload = _turn_with_text(thread, text)
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload)
-                + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(
+        self, path: bytes, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.turns += 1
+        thread = f"thr_odd{self.turns}"
+        text = "lone \\ud800 half" if b"surrogate" in body else "a\\u0000b"
+        await answer_whole(writer, b"text/event-stream", _turn_with_text(thread, text))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
