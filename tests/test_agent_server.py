@@ -153,6 +153,64 @@ async def test_later_turns_carry_the_earlier_ones(
     assert stored == item_ids
 
 
+async def test_a_model_that_repeats_its_message_ids_overwrites_no_answer(
+    emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
+) -> None:
+    # `[sameids]`: the emulator's Responses API names every answer's message `msg_0`, as some
+    # Responses-compatible servers do; the store upserts by item id
+    agent, service = await agent_service(start_agent, start_service)
+    conversation_id: str | None = None
+    turns = [
+        "first question [sameids]",
+        "second question [sameids]",
+        "third question [sameids]",
+        # two messages in one turn, both `msg_0`: the preamble, then the answer to the tool
+        'is my sleep normal? [sameids] [call lookup_reference_range {"metric": "sleep"}]',
+        "fifth question [sameids]",
+    ]
+    texts: list[str] = []
+    item_ids: list[str] = []
+    inputs: list[list[tuple[str, str]]] = []
+    for text in turns:
+        events = await collect(chat(service, text, conversation_id=conversation_id))
+        conversation_id = events[0].session.conversation_id
+        done = [e.text_done for e in events if e.WhichOneof("event") == "text_done"]
+        texts += [d.text for d in done]
+        item_ids += [d.item_id for d in done]
+        inputs.append([pair for pair in emulator.model_requests[-1].input if pair[0] != "system"])
+    assert len(texts) == 6 and texts[3] == "Let me look that up."
+    assert texts[4].startswith("Thanks. The tool returned {")
+    # the model's own id while it is unique, a fresh one for every repeat
+    assert item_ids[0] == "msg_0" and len(set(item_ids)) == 6
+    # every answer is still in the thread, over the agent server's ChatKit API
+    alice = {SERVICE_AUTH[0]: SERVICE_AUTH[1], "X-HealthAgent-User": "alice"}
+    status, body = await post_chatkit(
+        agent,
+        chatkit_request("items.list", thread_id=conversation_id, limit=50, order="asc"),
+        alice,
+    )
+    assert status == 200
+    stored = [item for item in body[0]["data"] if item["type"] == "assistant_message"]
+    assert [item["id"] for item in stored] == item_ids
+    assert ["".join(part["text"] for part in item["content"]) for item in stored] == texts
+    # and the model received every earlier turn
+    assert inputs[2] == [
+        ("user", turns[0]),
+        ("assistant", texts[0]),
+        ("user", turns[1]),
+        ("assistant", texts[1]),
+        ("user", turns[2]),
+    ]
+    assert inputs[4] == [
+        *inputs[2],
+        ("assistant", texts[2]),
+        ("user", turns[3]),
+        ("assistant", texts[3]),
+        ("assistant", texts[4]),
+        ("user", turns[4]),
+    ]
+
+
 async def test_a_custom_agent_module_runs_instead_of_the_built_in_one(
     emulator: ChatKitEmulator, start_agent: AgentFactory, start_service: ServiceFactory
 ) -> None:

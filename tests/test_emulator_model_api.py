@@ -230,6 +230,31 @@ async def test_responses_function_call_events(emulator: ChatKitEmulator) -> None
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
 
 
+async def test_sameids_numbers_the_output_items_the_same_every_answer(
+    emulator: ChatKitEmulator, client: AsyncOpenAI
+) -> None:
+    text = '[sameids] what is normal? [call lookup_reference_range {"metric": "steps"}]'
+    body = {"model": MODEL, "input": text, "tools": [REFERENCE_TOOL], "stream": True}
+    _, frames = await raw_stream(emulator, "/v1/responses", body)
+    final = json.loads(frames[-1][1])["response"]
+    assert [item["id"] for item in final["output"]] == ["msg_0", "fc_1"]
+    call = final["output"][1]
+    assert re.fullmatch(r"call_[0-9a-f]{32}", call["call_id"])  # call ids stay random
+    # the answer to the tool's result, and an answer without a stream: the same ids again
+    after_tool: Any = [
+        {"role": "user", "content": text},
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "{}"},
+    ]
+    body = {"model": MODEL, "input": after_tool, "stream": True}
+    _, frames = await raw_stream(emulator, "/v1/responses", body)
+    assert [item["id"] for item in json.loads(frames[-1][1])["response"]["output"]] == ["msg_0"]
+    response = await client.responses.create(model=MODEL, input=after_tool)
+    assert [item.id for item in response.output] == ["msg_0"]
+    # without the trigger the ids are random
+    response = await client.responses.create(model=MODEL, input="hello")
+    assert re.fullmatch(r"msg_[0-9a-f]{48}", response.output[0].id or "")
+
+
 # -- Chat Completions ----------------------------------------------------------------------
 
 

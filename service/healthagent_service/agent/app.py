@@ -31,7 +31,7 @@ from healthagent_service.agent.database import AgentDatabase, PostgresDatabase, 
 from healthagent_service.agent.loading import load_agent
 from healthagent_service.agent.model import ModelConnection, connect_model
 from healthagent_service.agent.thread_store import ThreadStore
-from healthagent_service.config import AgentModelApi, Settings
+from healthagent_service.config import Settings
 from healthagent_service.listen import is_loopback, parse_listen
 from healthagent_service.memory import tune_garbage_collector
 from healthagent_service.security.redaction import REDACTOR
@@ -216,7 +216,6 @@ async def start_agent_server(
             model.run_config(),
             history_items=settings.agent.history_items,
             max_turns=settings.agent.max_turns,
-            fresh_message_ids=settings.agent.api is AgentModelApi.CHAT_COMPLETIONS,
         )
         revocations = TokenRevocations(database)
         access = Access(

@@ -6,16 +6,20 @@ thread's recent items), plus what the SDK leaves out or gets wrong:
   on calling tools and the model (openai-agents-python#574);
 - a failure reaches the caller as a status with a reason (`failures.py`), token usage as an
   effect (`upstream/chatkit_effects.py`);
-- with the Chat Completions API, chatkit 1.6.5 gives every assistant message the id
-  `__fake_id__` (chatkit-python#36), so each turn's answer overwrote the last one in the store:
-  each message gets a fresh id here; and it sends stored assistant messages back as
-  `output_text` parts, which the Chat Completions converter refuses ("Unknown content") on the
-  second turn: `PlainAssistantMessages` sends them as plain text.
+- chatkit 1.6.5 stores an assistant message (and a client tool call) under the model's item id,
+  and the store upserts by id: with the Chat Completions API every id is `__fake_id__`
+  (chatkit-python#36), and a Responses-compatible server may number its items the same every
+  answer (`msg_0`), so a later answer overwrote an earlier one and the model no longer read it.
+  Such an id, or one already taken in the thread or earlier in the turn, gets a fresh id here
+  (`_TurnIds`); a unique one is kept;
+- chatkit sends stored assistant messages back as `output_text` parts, which the Chat
+  Completions converter refuses ("Unknown content") on the second turn:
+  `PlainAssistantMessages` sends them as plain text.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -24,10 +28,12 @@ from agents import Agent, RunConfig, Runner, TResponseInputItem
 from agents.models.fake_id import FAKE_RESPONSES_ID
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
+from chatkit.store import NotFoundError, StoreItemType
 from chatkit.types import (
     AssistantMessageItem,
     ChatKitReq,
     ClientEffectEvent,
+    ClientToolCallItem,
     ErrorEvent,
     ThreadItem,
     ThreadItemAddedEvent,
@@ -60,37 +66,60 @@ class PlainAssistantMessages(ThreadItemConverter):
 
 
 class _TurnIds:
-    """Fresh ids for the messages of a Chat Completions run, and the ids of every assistant
-    message the run added (what a tripped guardrail withdraws)."""
+    """The ids a run's model-named items (assistant messages, client tool calls) are stored
+    under, and the ids of every assistant message the run added (what a tripped guardrail
+    withdraws).
 
-    def __init__(self, new_id: Callable[[], str] | None) -> None:
-        self._new_id = new_id  # None: the model's own ids are real (Responses API)
-        self._current: str | None = None
+    The model's item id is kept unless it is `__fake_id__`, is already stored in the thread,
+    or was given to another item earlier in this turn: then the item gets a fresh id, since
+    the store's `save_item` upserts by id and would overwrite the earlier item.
+    """
+
+    def __init__(
+        self, new_id: Callable[[StoreItemType], str], stored: Callable[[str], Awaitable[bool]]
+    ) -> None:
+        self._new_id = new_id
+        self._stored = stored
+        self._open: dict[str, str] = {}  # model id -> the id of its item still streaming
+        self._given: dict[str, list[str]] = {}  # model id -> every id its items got this turn
         self.added_messages: list[str] = []
 
-    def relabel(self, event: ThreadStreamEvent) -> list[ThreadStreamEvent]:
-        if isinstance(event, ThreadItemAddedEvent):
-            if self._new_id is not None and event.item.id == FAKE_RESPONSES_ID:
-                self._current = self._new_id()
-                event = event.model_copy(update={"item": _with_id(event.item, self._current)})
+    async def _assign(self, item: ThreadItem) -> str:
+        model_id = item.id
+        fresh = (
+            model_id == FAKE_RESPONSES_ID or model_id in self._given or await self._stored(model_id)
+        )
+        kind: StoreItemType = "tool_call" if isinstance(item, ClientToolCallItem) else "message"
+        item_id = self._new_id(kind) if fresh else model_id
+        self._given.setdefault(model_id, []).append(item_id)
+        return item_id
+
+    async def relabel(self, event: ThreadStreamEvent) -> list[ThreadStreamEvent]:
+        if isinstance(event, ThreadItemAddedEvent) and _model_named(event.item):
+            item_id = self._open[event.item.id] = await self._assign(event.item)
             if isinstance(event.item, AssistantMessageItem):
-                self.added_messages.append(event.item.id)
-            return [event]
-        if self._new_id is None:
-            return [event]
-        if isinstance(event, ThreadItemUpdatedEvent) and event.item_id == FAKE_RESPONSES_ID:
-            return [event.model_copy(update={"item_id": self._current or self._new_id()})]
-        if isinstance(event, ThreadItemRemovedEvent) and event.item_id == FAKE_RESPONSES_ID:
-            # a tripped guardrail removes "every item the run produced", all named
-            # __fake_id__ by the SDK: each message this run added, under the id it got here
-            return [ThreadItemRemovedEvent(item_id=item_id) for item_id in self.added_messages]
-        if isinstance(event, ThreadItemDoneEvent) and event.item.id == FAKE_RESPONSES_ID:
-            if isinstance(event.item, AssistantMessageItem) and self._current is not None:
-                item_id, self._current = self._current, None
-            else:  # a client tool call, which the SDK names after the model's item too
-                item_id = self._new_id()
+                self.added_messages.append(item_id)
             return [event.model_copy(update={"item": _with_id(event.item, item_id)})]
+        if isinstance(event, ThreadItemUpdatedEvent) and event.item_id in self._open:
+            return [event.model_copy(update={"item_id": self._open[event.item_id]})]
+        if isinstance(event, ThreadItemDoneEvent) and _model_named(event.item):
+            # the item added under this model id, or (a client tool call) one never added
+            opened = self._open.pop(event.item.id, "")
+            item_id = opened or await self._assign(event.item)
+            return [event.model_copy(update={"item": _with_id(event.item, item_id)})]
+        if isinstance(event, ThreadItemRemovedEvent) and event.item_id in self._given:
+            # a tripped guardrail removes "every item the run produced" by the model's ids
+            # (with chat completions all __fake_id__): each under the id it got here
+            return [
+                ThreadItemRemovedEvent(item_id=item_id) for item_id in self._given[event.item_id]
+            ]
         return [event]
+
+
+def _model_named(item: ThreadItem) -> bool:
+    """Whether chatkit named `item` after the model's output item (other items, such as a
+    workflow carried over from the last turn, have store ids and are meant to be upserted)."""
+    return isinstance(item, AssistantMessageItem | ClientToolCallItem)
 
 
 def _with_id(item: Any, item_id: str) -> Any:
@@ -113,7 +142,6 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         *,
         history_items: int,
         max_turns: int,
-        fresh_message_ids: bool,
     ) -> None:
         super().__init__(store)
         self.thread_store = store
@@ -121,7 +149,6 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         self.run_config = run_config
         self._history_items = history_items
         self._max_turns = max_turns
-        self._fresh_message_ids = fresh_message_ids
         self._converter = PlainAssistantMessages()
 
     async def process(
@@ -164,15 +191,19 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
             run_config=self.run_config,
             max_turns=self._max_turns,
         )
-        ids = _TurnIds(
-            (lambda: self.store.generate_item_id("message", thread, context))
-            if self._fresh_message_ids
-            else None
-        )
+
+        async def stored(item_id: str) -> bool:
+            try:
+                await self.store.load_item(thread.id, item_id, context)
+            except NotFoundError:
+                return False
+            return True
+
+        ids = _TurnIds(lambda kind: self.store.generate_item_id(kind, thread, context), stored)
         failure: TurnFailure | None = None
         try:
             async for event in stream_agent_response(agent_context, result):
-                for relabelled in ids.relabel(event):
+                for relabelled in await ids.relabel(event):
                     yield relabelled
         except Exception as exc:
             failure = classify_failure(exc, ids.added_messages)

@@ -25,6 +25,7 @@ from healthagent_service.emulator.chatkit_wire import error_envelope
 from healthagent_service.emulator.http_server import DropConnection, HttpRequest, HttpResponse
 from healthagent_service.emulator.script import (
     RATE_LIMIT_RETRY_AFTER_SECONDS,
+    SAME_IDS_TRIGGER,
     Reply,
     plan_reply,
     stamp_text,
@@ -141,6 +142,9 @@ class ModelTurn:
     reply: Reply
     calls: tuple[tuple[str, str], ...]  # (name, JSON arguments), offered tools only
     input_tokens: int
+    # `[sameids]`: Responses item ids numbered by output index (`msg_0`, `fc_1`, ...), the same
+    # every turn, as some Responses-compatible servers number them
+    same_ids: bool = False
 
     @property
     def output_tokens(self) -> int:
@@ -159,7 +163,10 @@ def plan_turn(request: ModelInput) -> ModelTurn:
     if request.tool_choice != "none":
         calls = tuple(call for call in reply.function_calls if call[0] in request.functions)
     words = sum(len(text.split()) for _, text in request.input)
-    return ModelTurn(reply, calls, words)
+    # read from the last user message even after tool results: the ids are the server's
+    # habit for the whole turn, not part of the reply
+    same_ids = SAME_IDS_TRIGGER in (request.last_user_text or "").lower()
+    return ModelTurn(reply, calls, words, same_ids)
 
 
 def _failure(reply: Reply) -> tuple[str, int] | None:
@@ -324,7 +331,7 @@ class ModelApi:
                 await asyncio.sleep(self._owner.config.slow_first_byte_seconds)
             yield event("response.created", response=response("in_progress", []))
             yield event("response.in_progress", response=response("in_progress", []))
-            item_id = f"msg_{secrets.token_hex(24)}"
+            item_id = _item_id("msg", 0, turn)
             yield event(
                 "response.output_item.added",
                 output_index=0,
@@ -373,7 +380,7 @@ class ModelApi:
             yield event("response.output_item.done", output_index=0, item=message)
             output = [message]
             for index, (name, arguments) in enumerate(turn.calls, start=1):
-                call_id = f"fc_{secrets.token_hex(24)}"
+                call_id = _item_id("fc", index, turn)
                 call = _call_item(call_id, f"call_{secrets.token_hex(16)}", name, "", "in_progress")
                 yield event("response.output_item.added", output_index=index, item=call)
                 at = {"item_id": call_id, "output_index": index}
@@ -513,7 +520,7 @@ class ModelApi:
         stopped = failure is not None and failure[0] == INCOMPLETE
         if failure is not None and stopped:
             text = "".join(reply.chunks[: failure[1]])
-            turn = ModelTurn(reply, (), turn.input_tokens)
+            turn = ModelTurn(reply, (), turn.input_tokens, turn.same_ids)
             record.output_tokens = failure[1]
         else:
             record.output_tokens = turn.output_tokens
@@ -522,12 +529,11 @@ class ModelApi:
         if api == RESPONSES:
             response_id = record.response_id = f"resp_{secrets.token_hex(24)}"
             status = "incomplete" if stopped else "completed"
-            output = [_message_item(f"msg_{secrets.token_hex(24)}", text, status)]
-            for name, arguments in turn.calls:
+            output = [_message_item(_item_id("msg", 0, turn), text, status)]
+            for index, (name, arguments) in enumerate(turn.calls, start=1):
                 call_id = f"call_{secrets.token_hex(16)}"
-                output.append(
-                    _call_item(f"fc_{secrets.token_hex(24)}", call_id, name, arguments, "completed")
-                )
+                item_id = _item_id("fc", index, turn)
+                output.append(_call_item(item_id, call_id, name, arguments, "completed"))
             answer = _response_object(
                 request,
                 response_id,
@@ -730,6 +736,13 @@ def _error(
     return HttpResponse(
         status, list(_JSON_HEADERS), error_envelope(message, code=code, type_=type_)
     )
+
+
+def _item_id(prefix: str, output_index: int, turn: ModelTurn) -> str:
+    """A Responses output item's id: random, or numbered by its place under `[sameids]`."""
+    if turn.same_ids:
+        return f"{prefix}_{output_index}"
+    return f"{prefix}_{secrets.token_hex(24)}"
 
 
 def _output_text(text: str) -> dict[str, Any]:

@@ -40,6 +40,10 @@ last user message of the request's input:
 | `[stamp]`     | ChatKit and model APIs: each chunk's text is the emulator's CLOCK_MONOTONIC   |
 |               | in nanoseconds when it sent that chunk (19 digits and a space), for latency   |
 |               | benchmarks                                                                    |
+| `[sameids]`   | Responses: the output items are numbered by their place, not random: the     |
+|               | message is `msg_0`, function calls `fc_1`, `fc_2`, ... in every answer (also  |
+|               | the one after tool results), so ids repeat across turns and within a turn, as |
+|               | some Responses-compatible servers do; call ids stay random; chat: no effect   |
 
 On the model APIs a request whose input ends with tool results (`function_call_output` items,
 `role: tool` messages) is answered "Thanks. The tool returned <the result as JSON>." with no
@@ -74,6 +78,7 @@ _PACE_TRIGGER = re.compile(r"\[pace=(\d{1,5})\]", re.IGNORECASE)
 _CALL_TRIGGER = re.compile(r"\[call\s+([A-Za-z0-9_-]{1,64})\s*", re.IGNORECASE)
 _JSON = json.JSONDecoder()
 CALL_PREAMBLE = "Let me look that up."
+SAME_IDS_TRIGGER = "[sameids]"
 MAX_PACE_MS = 60_000
 _FILLER = "lorem ipsum dolor "  # 18 bytes; with the index, chunks are about 20 bytes
 
