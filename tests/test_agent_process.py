@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import httpx
 import pytest
 
 from harness.processes import HEALTHAGENT, clean_env, free_port, start_serve, wait_serving
@@ -135,6 +136,28 @@ def test_agent_mode_without_the_extra_stops_at_once_with_the_install_command(
     assert AGENT_EXTRA_INSTALL in result.stderr and "chatkit" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_agent_child_of_serve_serves_its_own_metrics_beside_the_services() -> None:
+    # the child inherits serve's environment: its own setting, so the two never share a port
+    service_port, agent_port = free_port(), free_port()
+    server = start_serve(
+        HEALTHAGENT_UPSTREAM="agent",
+        HEALTHAGENT_EMULATOR_CHUNK_DELAY_MS="1",
+        HEALTHAGENT_SHUTDOWN_DRAIN_SECONDS="0",
+        HEALTHAGENT_METRICS_LISTEN=f"127.0.0.1:{service_port}",
+        HEALTHAGENT_AGENT_METRICS_LISTEN=f"127.0.0.1:{agent_port}",
+    )
+    try:
+        assert _answer(server.address, "count me").startswith("You said: count me.")
+        service = httpx.get(f"http://127.0.0.1:{service_port}/metrics", timeout=5).text
+        agent = httpx.get(f"http://127.0.0.1:{agent_port}/metrics", timeout=5).text
+    finally:
+        status = server.terminate()
+    assert status == 0, server.log()
+    assert "healthagent_active_streams" in service and "healthagent_agent_" not in service
+    assert 'healthagent_agent_turns_total{outcome="completed"} 1.0' in agent
+    assert 'healthagent_agent_requests_total{operation="threads.create",' in agent
 
 
 def test_the_agent_server_refuses_to_listen_off_loopback_without_the_credential() -> None:

@@ -85,6 +85,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("HEALTHAGENT_AGENT_BASE_URL", "agent.base_url", "http://m/v1/", "http://m/v1"),
     ("HEALTHAGENT_AGENT_API", "agent.api", "chat_completions", "chat_completions"),
     ("HEALTHAGENT_AGENT_LISTEN", "agent.listen", "127.0.0.1:7", "127.0.0.1:7"),
+    ("HEALTHAGENT_AGENT_METRICS_LISTEN", "agent.metrics_listen", "127.0.0.1:5", "127.0.0.1:5"),
     ("HEALTHAGENT_AGENT_TRACING", "agent.tracing", "true", True),
     ("HEALTHAGENT_AGENT_TOKEN_SECRET", "agent.token_secret", AGENT_SECRET, AGENT_SECRET),
     ("HEALTHAGENT_AGENT_TOKEN_AUDIENCE", "agent.token_audience", "aud2", "aud2"),
@@ -139,7 +140,7 @@ def _at(settings: Settings, path: str) -> Any:
 def test_every_variable_is_listed_once() -> None:
     """The list above is the whole set: a variable dropped, renamed or added fails here."""
     names = [name for name, *_ in VARIABLES]
-    assert len(names) == len(set(names)) == 77
+    assert len(names) == len(set(names)) == 78
     aliases = [
         str(field.alias)
         for model in Settings.groups().values()

@@ -3,7 +3,8 @@
 - The manifests, rendered by kubectl's kustomize, against Kubernetes 1.37's schemas (strict:
   an unknown field fails), and what they promise: secrets only from Secrets, a grace period that
   covers the drain and the grace, restricted security contexts, only the service reaching the
-  agent server, how gRPC is balanced, an autoscaler and a disruption budget for each part.
+  agent server (and the monitoring namespace its metrics), each part's metrics port wired
+  through, how gRPC is balanced, an autoscaler and a disruption budget for each part.
 - checkov over the Dockerfile and the manifests: no failed check, every skip justified.
 - The compose file against the compose spec, with the manifests' settings.
 - The images, built with podman on a Debian base made here (slow): health reaches SERVING, a
@@ -242,6 +243,19 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in wanted.items())
 
 
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def ingress_rules(policies: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The ingress rules of every policy that selects pods labelled `labels`."""
+    return [
+        rule
+        for policy in policies
+        if selects(policy["spec"]["podSelector"], labels)
+        for rule in policy["spec"].get("ingress", [])
+    ]
+
+
 def test_only_the_service_reaches_the_agent_server(rendered: list[dict[str, Any]]) -> None:
     policies = of_kind(rendered, "NetworkPolicy")
     default = find(rendered, "NetworkPolicy", "default-deny")
@@ -252,30 +266,61 @@ def test_only_the_service_reaches_the_agent_server(rendered: list[dict[str, Any]
     service_labels = find(rendered, "Deployment", "healthagent")["spec"]["template"]["metadata"][
         "labels"
     ]
-    peers = [
-        peer
-        for policy in policies
-        if selects(policy["spec"]["podSelector"], agent_labels)
-        for rule in policy["spec"].get("ingress", [])
-        for peer in rule.get("from", [{}])  # a rule without `from` admits everyone
-    ]
+    rules = ingress_rules(policies, agent_labels)
+    # the API from the service's pods; /metrics from the monitoring namespace, and only it
+    api = [rule for rule in rules if rule["ports"] == [{"protocol": "TCP", "port": 8790}]]
+    metrics = [rule for rule in rules if rule["ports"] == [{"protocol": "TCP", "port": 9465}]]
+    assert len(api) == len(metrics) == 1 and len(rules) == 2, rules
+    peers = api[0].get("from", [{}])  # a rule without `from` admits everyone
     assert peers, "the agent server takes no traffic at all"
     for peer in peers:
         assert set(peer) == {"podSelector"}, f"{peer}: more than the service's pods"
         assert selects(peer["podSelector"], service_labels)
         assert not selects(peer["podSelector"], agent_labels)
-    port_rules = [
-        rule["ports"]
-        for policy in policies
-        if selects(policy["spec"]["podSelector"], agent_labels)
-        for rule in policy["spec"].get("ingress", [])
-    ]
-    assert port_rules == [[{"protocol": "TCP", "port": 8790}]]
+    assert metrics[0].get("from") == [MONITORING]
     service_policy = find(rendered, "NetworkPolicy", "healthagent")
     egress_ports = {
         port["port"] for rule in service_policy["spec"]["egress"] for port in rule["ports"]
     }
     assert {53, 8790, 5432, 6379, 443} <= egress_ports
+
+
+@pytest.mark.parametrize(
+    ("deployment_name", "compose_name", "setting"),
+    [
+        ("healthagent", "healthagent", "HEALTHAGENT_METRICS_LISTEN"),
+        ("healthagent-agent", "agent", "HEALTHAGENT_AGENT_METRICS_LISTEN"),
+    ],
+)
+def test_each_part_is_scraped_where_it_serves_metrics(
+    rendered: list[dict[str, Any]], deployment_name: str, compose_name: str, setting: str
+) -> None:
+    # the setting, the container port, the annotations, the Service and the network policy
+    # name the one port, or Prometheus scrapes nothing
+    deployment = find(rendered, "Deployment", deployment_name)
+    host, _, port = config_of(rendered, deployment)[setting].rpartition(":")
+    assert host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert ports["metrics"] == int(port)
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": port,
+        "prometheus.io/path": "/metrics",
+    }
+    service = find(rendered, "Service", deployment_name)
+    assert {"name": "metrics", "port": int(port), "targetPort": "metrics"}.items() <= next(
+        p for p in service["spec"]["ports"] if p["name"] == "metrics"
+    ).items()
+    admitted = [
+        rule
+        for rule in ingress_rules(of_kind(rendered, "NetworkPolicy"), template["labels"])
+        if {"protocol": "TCP", "port": int(port)} in rule["ports"]
+    ]
+    assert [rule.get("from") for rule in admitted] == [[MONITORING]]
+    # compose publishes it on loopback only
+    published = [p for p in compose()["services"][compose_name]["ports"] if p.endswith(f":{port}")]
+    assert len(published) == 1 and published[0].startswith("127.0.0.1:")
 
 
 def test_services_say_how_grpc_is_balanced(rendered: list[dict[str, Any]]) -> None:

@@ -338,6 +338,16 @@ class AgentSettings(SettingsGroup):
         alias="HEALTHAGENT_AGENT_LISTEN",
         description="`HOST:PORT` where `healthagent agent` listens (`--listen` overrides).",
     )
+    # its own setting, not HEALTHAGENT_METRICS_LISTEN: `serve`'s agent child inherits serve's
+    # environment, and the two endpoints cannot share a port
+    metrics_listen: str = Field(
+        default="",
+        alias="HEALTHAGENT_AGENT_METRICS_LISTEN",
+        description="`HOST:PORT` of the agent server's Prometheus `/metrics` endpoint (e.g. "
+        "`127.0.0.1:9465`); empty: off. A non-loopback host needs "
+        "HEALTHAGENT_CHATKIT_AUTH_HEADER. With `serve --workers`, worker *i*'s agent child "
+        "serves on `PORT + i`.",
+    )
     tracing: bool = Field(
         default=False,
         alias="HEALTHAGENT_AGENT_TRACING",

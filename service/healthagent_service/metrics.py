@@ -2,12 +2,15 @@
 the RPC, the upstream protocol, the workflow and error reasons, all from small fixed sets.
 
 Hot-path cost is kept off the per-chunk path: a stream's counts are added once, when it ends.
+`MetricsRegistry` (a registry and the endpoint serving it) is shared with the agent server's
+metrics (`agent/metrics.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from healthagent_service.domain.session_pool import SessionPool
+from healthagent_service.listen import parse_listen
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -35,11 +39,49 @@ class StreamMetrics(NamedTuple):
     output_tokens: Counter
 
 
-class Metrics:
-    """The service's metrics, in their own registry."""
+class MetricsRegistry:
+    """A registry of its own (several servers in one test process must not share figures) and
+    the `/metrics` endpoint that serves it."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._servers: list[WSGIServer] = []
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP on host:port (port 0 picks one); return the port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._servers.append(server)
+        return int(server.server_port)
+
+    def serve_at(
+        self, listen: str, worker_index: int | None, check_exposure: Callable[[str], None]
+    ) -> int:
+        """Serve /metrics where `listen` (`HOST:PORT`, empty: off) says, once `check_exposure`
+        let its host through (it raises for a host the settings do not allow off loopback);
+        the port, 0 when off. Worker *i* of `serve --workers` serves on PORT + i: one scrape
+        target per worker."""
+        if not listen:
+            return 0
+        host, port = parse_listen(listen)
+        check_exposure(host)
+        if port and worker_index is not None:
+            port += worker_index
+        return self.serve(host, port)
+
+    def close(self) -> None:
+        """Stop serving (blocks up to half a second: the server's poll interval), freeing the
+        port for a restart in the same process."""
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+
+
+class Metrics(MetricsRegistry):
+    """The service's metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.active_streams = Gauge(
             "healthagent_active_streams", "Chat streams open now.", registry=self.registry
         )
@@ -89,11 +131,6 @@ class Metrics:
     def watch_pools(self, pools: dict[str, SessionPool]) -> None:
         """Export the session pools' hit, miss, eviction and mint counters and sizes."""
         self.registry.register(_PoolCollector(pools))
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics over HTTP on host:port (port 0 picks one); return the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
 
 
 class _PoolCollector(Collector):

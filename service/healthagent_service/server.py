@@ -660,13 +660,11 @@ async def _stop_servers(
 
 def _serve_metrics(settings: Settings, metrics: Metrics) -> int:
     """Serve /metrics where HEALTHAGENT_METRICS_LISTEN says; its port, 0 when it is off."""
-    if not settings.server.metrics_listen:
-        return 0
-    host, port = parse_listen(settings.server.metrics_listen)
-    check_exposure(settings, host)
-    if port and settings.server.worker_index is not None:
-        port += settings.server.worker_index  # one scrape target per worker
-    return metrics.serve(host, port)
+    return metrics.serve_at(
+        settings.server.metrics_listen,
+        settings.server.worker_index,
+        lambda host: check_exposure(settings, host),
+    )
 
 
 def _watch_dependencies(

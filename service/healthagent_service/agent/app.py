@@ -5,6 +5,9 @@
   an unknown thread (404) and a tool output without a pending call (409) only then.
 - `POST /tokens/revoke` `{"user": ...}`: the service's logout, voiding the user's tokens.
 - `GET /healthz`: 200 when the database answers.
+
+With HEALTHAGENT_AGENT_METRICS_LISTEN set, Prometheus `/metrics` on a port of its own
+(`metrics.py`), as the service serves its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import structlog
 import uvicorn
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError
+from chatkit.types import is_streaming_req
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +33,7 @@ from healthagent_service.agent.access import Access, AccessDenied, TokenRevocati
 from healthagent_service.agent.chatkit_server import AgentChatKitServer
 from healthagent_service.agent.database import AgentDatabase, PostgresDatabase, SqliteDatabase
 from healthagent_service.agent.loading import load_agent
+from healthagent_service.agent.metrics import UNKNOWN_OPERATION, AgentMetrics, RequestOutcome
 from healthagent_service.agent.model import ModelConnection, connect_model
 from healthagent_service.agent.thread_store import ThreadStore
 from healthagent_service.config import Settings
@@ -40,6 +45,13 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_OUTCOMES = {
+    400: RequestOutcome.INVALID,
+    401: RequestOutcome.UNAUTHORIZED,
+    404: RequestOutcome.NOT_FOUND,
+    409: RequestOutcome.CONFLICT,
+    413: RequestOutcome.TOO_LARGE,
+}
 
 
 def _error(
@@ -68,6 +80,7 @@ class AgentApp:
     access: Access
     revocations: TokenRevocations
     database: AgentDatabase
+    metrics: AgentMetrics
 
     def starlette(self) -> Starlette:
         return Starlette(
@@ -89,19 +102,40 @@ class AgentApp:
                 raise AccessDenied(413, "request body too large")
         return body
 
+    def _refuse(
+        self,
+        operation: str,
+        streaming: bool,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> Response:
+        self.metrics.request(operation, streaming, _OUTCOMES.get(status, RequestOutcome.ERROR))
+        return _error(status, message, code=code, param=param)
+
     async def chatkit_endpoint(self, request: Request) -> Response:
+        operation, streaming = UNKNOWN_OPERATION, False
         try:
             context = await self.access.context_for(request.headers)
             body = await self._body(request)
+            parsed = self.chatkit.parse(body)
+            operation, streaming = parsed.type, is_streaming_req(parsed)
+            result = await self.chatkit.process_parsed(parsed, context)
         except AccessDenied as denied:
-            return _error(denied.status, denied.message)
-        try:
-            result = await self.chatkit.process(body, context)
+            return self._refuse(operation, streaming, denied.status, denied.message)
         except ValidationError as exc:
-            return _error(400, f"not a ChatKit request: {exc.error_count()} problem(s)")
+            return self._refuse(
+                operation, streaming, 400, f"not a ChatKit request: {exc.error_count()} problem(s)"
+            )
         except NotFoundError as exc:
-            return _error(404, str(exc), param="thread_id")
+            return self._refuse(operation, streaming, 404, str(exc), param="thread_id")
+        except Exception:
+            self.metrics.request(operation, streaming, RequestOutcome.ERROR)
+            raise
         if not isinstance(result, StreamingResult):
+            self.metrics.request(operation, streaming, RequestOutcome.OK)
             return Response(result.json, media_type="application/json")
         events: AsyncIterator[bytes] = aiter(result)
         try:
@@ -109,16 +143,35 @@ class AgentApp:
         except StopAsyncIteration:
             first = b""
         except NotFoundError as exc:
-            return _error(404, str(exc), param="thread_id")
+            return self._refuse(operation, streaming, 404, str(exc), param="thread_id")
         except ValueError as exc:
             # add_client_tool_output when the thread's last item is not a pending call
-            return _error(409, str(exc), code="no_pending_tool_call", param="tool_output")
+            return self._refuse(
+                operation,
+                streaming,
+                409,
+                str(exc),
+                code="no_pending_tool_call",
+                param="tool_output",
+            )
+        except Exception:
+            self.metrics.request(operation, streaming, RequestOutcome.ERROR)
+            raise
 
         async def body_stream() -> AsyncIterator[bytes]:
-            if first:
-                yield first
-            async for chunk in events:
-                yield chunk
+            # counted once, when the stream ends: nothing per chunk
+            outcome = RequestOutcome.CANCELLED  # unless it ends by itself (below)
+            try:
+                if first:
+                    yield first
+                async for chunk in events:
+                    yield chunk
+                outcome = RequestOutcome.OK
+            except Exception:
+                outcome = RequestOutcome.ERROR
+                raise
+            finally:
+                self.metrics.request(operation, streaming, outcome)
 
         return StreamingResponse(
             body_stream(), media_type="text/event-stream", headers=STREAM_HEADERS
@@ -184,6 +237,7 @@ class RunningAgentServer:
     task: asyncio.Task[None]
     model: ModelConnection
     port: int
+    metrics_port: int  # 0: no /metrics (HEALTHAGENT_AGENT_METRICS_LISTEN unset)
 
     @property
     def url(self) -> str:
@@ -192,8 +246,14 @@ class RunningAgentServer:
     async def stop(self) -> None:
         self.server.should_exit = True
         await self.task
+        await self.close()
+
+    async def close(self) -> None:
+        """Release what the stopped server held: the model client, the database, /metrics."""
         await self.model.close()
         await self.app.database.close()
+        # its serving thread takes up to half a second to notice: not on the loop
+        await asyncio.to_thread(self.app.metrics.close)
 
 
 async def start_agent_server(
@@ -207,6 +267,7 @@ async def start_agent_server(
     database = _database(settings)
     await database.open()
     model: ModelConnection | None = None
+    metrics = AgentMetrics()
     try:
         model = await connect_model(settings)
         store = ThreadStore(database)
@@ -216,6 +277,7 @@ async def start_agent_server(
             model.run_config(),
             history_items=settings.agent.history_items,
             max_turns=settings.agent.max_turns,
+            metrics=metrics,
         )
         revocations = TokenRevocations(database)
         access = Access(
@@ -228,7 +290,13 @@ async def start_agent_server(
             token_audience=settings.agent.token_audience,
             revocations=revocations,
         )
-        app = AgentApp(chatkit, access, revocations, database)
+        app = AgentApp(chatkit, access, revocations, database, metrics)
+        # off loopback only as the agent server itself may be: with the service's credential
+        metrics_port = metrics.serve_at(
+            settings.agent.metrics_listen,
+            settings.server.worker_index,
+            lambda metrics_host: check_agent_exposure(settings, metrics_host),
+        )
         config = uvicorn.Config(
             app.starlette(),
             host=host,
@@ -251,6 +319,7 @@ async def start_agent_server(
         if model is not None:
             await model.close()
         await database.close()
+        await asyncio.to_thread(metrics.close)
         raise
     log.info(
         "agent server listening",
@@ -258,8 +327,9 @@ async def start_agent_server(
         agent=agent.name,
         model=model.description,
         threads=database.description,
+        metrics_port=metrics_port or None,
     )
-    return RunningAgentServer(app, server, task, model, bound)
+    return RunningAgentServer(app, server, task, model, bound, metrics_port)
 
 
 async def run_agent_server(settings: Settings, listen: str | None = None) -> None:
@@ -272,5 +342,4 @@ async def run_agent_server(settings: Settings, listen: str | None = None) -> Non
     # the supervisor (`serve` in agent mode) reads this line to learn the port
     print(json.dumps({"agent_url": running.url}), flush=True)
     await running.task
-    await running.model.close()
-    await running.app.database.close()
+    await running.close()

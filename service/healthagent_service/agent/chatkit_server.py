@@ -14,7 +14,9 @@ thread's recent items), plus what the SDK leaves out or gets wrong:
   (`_TurnIds`); a unique one is kept;
 - chatkit sends stored assistant messages back as `output_text` parts, which the Chat
   Completions converter refuses ("Unknown content") on the second turn:
-  `PlainAssistantMessages` sends them as plain text.
+  `PlainAssistantMessages` sends them as plain text;
+- every turn is counted (`metrics.py`) when it starts and when it ends: its outcome, duration,
+  failure reason and tokens; never per delta.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import anyio
 import structlog
-from agents import Agent, RunConfig, Runner, TResponseInputItem
+from agents import Agent, RunConfig, Runner, RunResultStreaming, TResponseInputItem
 from agents.models.fake_id import FAKE_RESPONSES_ID
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
@@ -48,10 +50,14 @@ from chatkit.types import (
 from pydantic import TypeAdapter
 
 from healthagent_service.agent.failures import INPUT_REFUSED, TurnFailure, classify_failure
+from healthagent_service.agent.metrics import AgentMetrics, TurnOutcome
 from healthagent_service.agent.thread_store import RequestContext, ThreadStore
 from healthagent_service.upstream.chatkit_effects import ERROR_EFFECT, USAGE_EFFECT
 
 log = structlog.get_logger(__name__)
+
+# a run that failed for no reason `classify_failure` knows: a defect of the agent's code
+_AGENT_FAILED = TurnFailure("INTERNAL", "AGENT_FAILED", "the agent run failed")
 
 
 class PlainAssistantMessages(ThreadItemConverter):
@@ -142,8 +148,10 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         *,
         history_items: int,
         max_turns: int,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         super().__init__(store)
+        self.metrics = metrics or AgentMetrics()
         self.thread_store = store
         self._agent = agent
         self.run_config = run_config
@@ -155,7 +163,17 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         self, request: str | bytes | bytearray, context: RequestContext
     ) -> StreamingResult | NonStreamingResult:
         """The SDK's `process`, with the request adapter built once (pinned chatkit 1.6.5)."""
-        parsed = _REQUEST.validate_json(request)
+        return await self.process_parsed(self.parse(request), context)
+
+    @staticmethod
+    def parse(request: str | bytes | bytearray) -> ChatKitReq:
+        """The ChatKit request in `request` (pydantic's ValidationError if it is none)."""
+        return _REQUEST.validate_json(request)
+
+    async def process_parsed(
+        self, parsed: ChatKitReq, context: RequestContext
+    ) -> StreamingResult | NonStreamingResult:
+        """`process` of a request `parse` read (the HTTP layer counts it by its operation)."""
         if is_streaming_req(parsed):
             return StreamingResult(self._process_streaming(parsed, context))
         return NonStreamingResult(await self._process_non_streaming(parsed, context))
@@ -175,67 +193,100 @@ class AgentChatKitServer(ChatKitServer[RequestContext]):
         input_user_message: UserMessageItem | None,
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        # the user's message is stored already; after a client tool output, so is the
-        # completed call, which the converter sends as function_call + function_call_output
-        page = await self.store.load_thread_items(
-            thread.id, None, self._history_items, "desc", context
-        )
-        agent_input = await self._converter.to_agent_input(list(reversed(page.data)))
-        agent_context = AgentContext[RequestContext](
-            thread=thread, store=self.store, request_context=context
-        )
-        result = Runner.run_streamed(
-            self._agent,
-            agent_input,
-            context=agent_context,
-            run_config=self.run_config,
-            max_turns=self._max_turns,
-        )
-
-        async def stored(item_id: str) -> bool:
-            try:
-                await self.store.load_item(thread.id, item_id, context)
-            except NotFoundError:
-                return False
-            return True
-
-        ids = _TurnIds(lambda kind: self.store.generate_item_id(kind, thread, context), stored)
+        # counted inline, not by a wrapping generator: that would add a step to every delta
+        started = self.metrics.turn_started()
+        result: RunResultStreaming | None = None
         failure: TurnFailure | None = None
+        finished = False
         try:
-            async for event in stream_agent_response(agent_context, result):
-                for relabelled in await ids.relabel(event):
-                    yield relabelled
-        except Exception as exc:
-            failure = classify_failure(exc, ids.added_messages)
-            if failure is None:
-                log.exception("the agent run failed", thread_id=thread.id)
-                failure = TurnFailure("INTERNAL", "AGENT_FAILED", "the agent run failed")
-            else:
-                log.info(
-                    "agent turn failed",
-                    thread_id=thread.id,
-                    reason=failure.reason,
-                    kind=failure.kind,
+            # the user's message is stored already; after a client tool output, so is the
+            # completed call, which the converter sends as function_call + function_call_output
+            page = await self.store.load_thread_items(
+                thread.id, None, self._history_items, "desc", context
+            )
+            agent_input = await self._converter.to_agent_input(list(reversed(page.data)))
+            agent_context = AgentContext[RequestContext](
+                thread=thread, store=self.store, request_context=context
+            )
+            result = Runner.run_streamed(
+                self._agent,
+                agent_input,
+                context=agent_context,
+                run_config=self.run_config,
+                max_turns=self._max_turns,
+            )
+
+            async def stored(item_id: str) -> bool:
+                try:
+                    await self.store.load_item(thread.id, item_id, context)
+                except NotFoundError:
+                    return False
+                return True
+
+            ids = _TurnIds(lambda kind: self.store.generate_item_id(kind, thread, context), stored)
+            try:
+                async for event in stream_agent_response(agent_context, result):
+                    for relabelled in await ids.relabel(event):
+                        yield relabelled
+            except Exception as exc:
+                failure = classify_failure(exc, ids.added_messages)
+                if failure is None:
+                    log.exception("the agent run failed", thread_id=thread.id)
+                    failure = _AGENT_FAILED
+                else:
+                    log.info(
+                        "agent turn failed",
+                        thread_id=thread.id,
+                        reason=failure.reason,
+                        kind=failure.kind,
+                    )
+            finally:
+                # the caller left (CancelledError or GeneratorExit here) or the run failed: stop
+                # the run, which closes the model request
+                if not result.is_complete:
+                    result.cancel()
+            if failure is not None:
+                if failure.reason == INPUT_REFUSED and input_user_message is not None:
+                    # a refused message is not part of the conversation: left in the thread, the
+                    # model would read it again every later turn
+                    yield ThreadItemRemovedEvent(item_id=input_user_message.id)
+                yield ClientEffectEvent(name=ERROR_EFFECT, data=failure.effect_data())
+                yield ErrorEvent(
+                    code="custom", message=failure.message, allow_retry=failure.retryable
                 )
+                return
+            usage = result.context_wrapper.usage
+            yield ClientEffectEvent(
+                name=USAGE_EFFECT,
+                data={
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "total_tokens": usage.total_tokens,
+                },
+            )
+            finished = True
+        except Exception as exc:
+            # before or after the run (the thread's items, the store): chatkit sends its own
+            # error event; counted here under the reason it stands for
+            failure = classify_failure(exc, ()) or _AGENT_FAILED
+            raise
         finally:
-            # the caller left (CancelledError or GeneratorExit here) or the run failed: stop
-            # the run, which closes the model request
-            if not result.is_complete:
-                result.cancel()
-        if failure is not None:
-            if failure.reason == INPUT_REFUSED and input_user_message is not None:
-                # a refused message is not part of the conversation: left in the thread, the
-                # model would read it again every later turn
-                yield ThreadItemRemovedEvent(item_id=input_user_message.id)
-            yield ClientEffectEvent(name=ERROR_EFFECT, data=failure.effect_data())
-            yield ErrorEvent(code="custom", message=failure.message, allow_retry=failure.retryable)
-            return
-        usage = result.context_wrapper.usage
-        yield ClientEffectEvent(
-            name=USAGE_EFFECT,
-            data={
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-        )
+            # failed, or completed with its last event taken; anything else is the caller
+            # leaving (CancelledError or GeneratorExit)
+            outcome = (
+                TurnOutcome.FAILED
+                if failure is not None
+                else TurnOutcome.COMPLETED
+                if finished
+                else TurnOutcome.CANCELLED
+            )
+            # tokens the model reported, whatever the outcome: a failed or withdrawn answer
+            # cost them too
+            spent = result.context_wrapper.usage if result is not None else None
+            self.metrics.turn_ended(
+                started,
+                outcome,
+                failure=failure,
+                input_tokens=spent.input_tokens if spent is not None else 0,
+                output_tokens=spent.output_tokens if spent is not None else 0,
+            )
