@@ -101,6 +101,23 @@ async def env(tmp_path: Path) -> Any:
         }
 
 
+async def test_a_stopped_server_releases_everything_it_took(env: dict[str, Any]) -> None:
+    """What a start takes, a stop gives back, the metrics endpoint included (it stayed open
+    until the process ended: a server restarted in process could not bind its port again)."""
+    running = await create_server(make_settings(**env), "127.0.0.1:0")
+    await running.stop(0)
+    sockets, children = await _settled(_open_sockets()), _children()
+    port = _unused_port()
+    running = await create_server(
+        make_settings(**{**env, "HEALTHAGENT_METRICS_LISTEN": f"127.0.0.1:{port}"}), "127.0.0.1:0"
+    )
+    await running.stop(0)
+    assert await _settled(sockets) == sockets
+    assert _children() <= children
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+
+
 def _unreachable_redis() -> dict[str, Any]:
     return {"HEALTHAGENT_REDIS_URL": f"redis://127.0.0.1:{_unused_port()}/0"}
 

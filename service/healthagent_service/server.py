@@ -566,6 +566,9 @@ async def _start(
         )
         resources.push_async_callback(web.stop, 0.0)
     metrics_port = _serve_metrics(settings, metrics)
+    if metrics_port:
+        # its server thread polls for shutdown every half second: not on the event loop
+        resources.push_async_callback(asyncio.to_thread, metrics.close)
 
     if chat is realtime:
         realtime.start()
