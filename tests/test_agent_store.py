@@ -138,20 +138,27 @@ async def test_pages_follow_the_sdks_cursor_rules(store: ThreadStore) -> None:
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
 async def test_sqlite_threads_are_private_to_the_servers_user(tmp_path: Path, umask: int) -> None:
-    """Every directory the agent's database creates is 0700 and its file 0600, whatever the
-    umask (before: only the last directory was 0700, the others 0755 under umask 022)."""
+    """Every directory the agent's database creates is 0700 and its files 0600 (the database,
+    and its WAL and shared-memory files, which SQLite makes with the database's mode), whatever
+    the umask (before: only the last directory was 0700, the others 0755 under umask 022)."""
     path = tmp_path / "fresh" / "nested" / "agent.db"
     previous = os.umask(umask)
     try:
         database = SqliteDatabase(path)
         await database.open()
-        await database.close()
+        try:
+            # while open: SQLite removes the WAL files when the last connection closes
+            wal_files = [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm")]
+            wal_modes = {name: stat.S_IMODE(name.stat().st_mode) for name in wal_files}
+        finally:
+            await database.close()
     finally:
         os.umask(previous)
     modes = {
         name: stat.S_IMODE(name.stat().st_mode) for name in (path.parent.parent, path.parent, path)
     }
     assert modes == {path.parent.parent: 0o700, path.parent: 0o700, path: 0o600}
+    assert wal_modes == dict.fromkeys(wal_files, 0o600)
 
 
 async def test_two_agent_servers_on_one_postgresql_serve_one_conversation_in_turn(

@@ -86,8 +86,8 @@ class SQLiteEngine:
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
     def open_loop_connection(self) -> None:
-        """Open the loop's connection for small writes, and make the WAL and shared-memory
-        files private (call it once a write has created them)."""
+        """Open the loop's connection for small writes. (The WAL and shared-memory files need
+        no chmod: SQLite gives them the database file's mode, past the umask.)"""
         # Opened on the loop, which alone uses it. It never waits for the lock (busy timeout
         # 0: the write goes to the worker then) nor checkpoints (an fsync): the worker does.
         loop_db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
@@ -95,10 +95,6 @@ class SQLiteEngine:
         loop_db.execute("PRAGMA foreign_keys=ON")
         loop_db.execute("PRAGMA wal_autocheckpoint=0")
         self._loop_db = loop_db
-        # SQLite gives the WAL and shared-memory files the database's mode, less the umask
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(f"{self.path}{suffix}", 0o600)
 
     async def close(self) -> None:
         """Close both connections, after the writes already handed to the worker."""
