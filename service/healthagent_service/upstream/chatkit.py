@@ -43,7 +43,7 @@ from healthagent_service.upstream.chatkit_events import (
 from healthagent_service.upstream.http_clients import ShardedHttpClient
 from healthagent_service.upstream.sse import SSEProtocolError
 from healthagent_service.upstream.sse_client import BufferBudgetExceededError
-from healthagent_service.upstream.upstream_json import upstream_id
+from healthagent_service.upstream.upstream_json import decode_json, upstream_id
 
 log = structlog.get_logger(__name__)
 
@@ -232,11 +232,11 @@ class ChatKitUpstream:
 
     def _parse_session(self, content: bytes, options: SessionOptions) -> MintedSession:
         try:
-            data = json.loads(content)
+            data = decode_json(content)
             expires_at = int(data["expires_at"])
             session_id = upstream_id(data["id"], "session id")
             secret = upstream_id(data["client_secret"], "client secret")
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
+        except (ValueError, TypeError, KeyError) as exc:
             raise protocol_error(f"session answer lacks {exc}", self._retry) from None
         remaining = expires_at - time.time()
         if remaining <= 0:
@@ -526,9 +526,9 @@ def _turn_request(turn: ChatTurn) -> bytes:
 def _parse_error_envelope(content: bytes) -> tuple[str, str | None, str | None]:
     """(message, code, param) from the OpenAI error envelope, tolerating anything else."""
     try:
-        error = json.loads(content)["error"]
+        error = decode_json(content)["error"]
         return str(error.get("message") or "no message"), error.get("code"), error.get("param")
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         text = content[:200].decode(errors="replace").strip()
         return (text or "no message"), None, None
 

@@ -15,7 +15,7 @@ from healthagent_service.domain.session_pool import SessionPool
 from healthagent_service.errors import ErrorKind, FieldViolation, HealthAgentError
 from healthagent_service.upstream import realtime_events as rt
 from healthagent_service.upstream.realtime_config import RealtimeConfig
-from healthagent_service.upstream.upstream_json import upstream_id
+from healthagent_service.upstream.upstream_json import decode_json, upstream_id
 
 
 class RealtimeSecrets:
@@ -86,11 +86,11 @@ class RealtimeSecrets:
         if response.status_code != 200:
             raise self._mint_error(response)
         try:
-            answer = response.json()
+            answer = decode_json(response.content)
             expires_at = int(answer["expires_at"])
             secret = upstream_id(answer["value"], "client secret")
             session_id = upstream_id((answer.get("session") or {}).get("id") or "", "session id")
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # Recursion: too deep
+        except (ValueError, TypeError, KeyError) as exc:
             raise rt.protocol_error(
                 f"client secret answer lacks {exc}", self._config.retry_after_seconds
             ) from None
@@ -115,9 +115,9 @@ class RealtimeSecrets:
 
     def _mint_error(self, response: httpx.Response) -> HealthAgentError:
         try:
-            error = response.json()["error"]
+            error = decode_json(response.content)["error"]
             message, param = str(error.get("message")), error.get("param")
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             message, param = response.text[:200], None
         metadata = {"upstream_status": str(response.status_code)}
         if response.status_code in (401, 403):
