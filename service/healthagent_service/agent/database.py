@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from healthagent_service.history.sqlite_engine import private_file
+from healthagent_service.private_files import private_file
 
 Row = tuple[Any, ...]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
 import sqlite3
 import threading
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+
+from healthagent_service.private_files import private_file
 
 log = structlog.get_logger(__name__)
 
@@ -253,26 +254,6 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
             done.set_result(value)
         else:
             done.set_exception(value)
-
-
-def private_file(path: Path) -> None:
-    """Create the data directory (0700) and the database file (0600) readable by this user
-    only, whatever the umask: the history holds health conversations. A directory that
-    already exists keeps its mode (an operator may have set it); the database is made 0600."""
-    missing = []
-    parent = path.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another worker made it meanwhile
-            directory.mkdir(mode=0o700)
-            os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-    finally:
-        os.close(descriptor)
 
 
 def _enable_wal(db: sqlite3.Connection) -> None:
