@@ -29,6 +29,8 @@ from harness.processes import (
 )
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.config import Settings
+from healthagent_service.workers import worker_problems
 
 NO_LIMITS = {"HEALTHAGENT_RATE_LIMIT_PER_MINUTE": "0", "HEALTHAGENT_MAX_STREAMS_PER_USER": "0"}
 
@@ -230,6 +232,39 @@ def test_workers_refuse_what_they_cannot_share(emulator: EmulatorProcess) -> Non
     in_memory = _serve_exit({**emulator.service_env(), "HEALTHAGENT_WORKERS": "2"}, listen)
     assert in_memory.returncode == 2
     assert "HEALTHAGENT_REDIS_URL" in in_memory.stdout + in_memory.stderr
+
+
+def test_workers_refuse_metrics_ports_their_agent_children_would_share(
+    emulator: EmulatorProcess,
+) -> None:
+    """Worker *i* serves /metrics on PORT + i and so does its agent child on the agent's
+    port: with 9464 and 9465 and two workers, worker 1 and worker 0's child would both want
+    9465, and one of them could never start."""
+    agent = {
+        **NO_LIMITS,
+        **emulator.agent_env(),
+        "HEALTHAGENT_UPSTREAM": "agent",
+        "HEALTHAGENT_WORKERS": "2",
+    }
+    port = free_port()
+    clashing = _serve_exit(
+        {
+            **agent,
+            "HEALTHAGENT_METRICS_LISTEN": f"127.0.0.1:{port}",
+            "HEALTHAGENT_AGENT_METRICS_LISTEN": f"0.0.0.0:{port + 1}",
+        },
+        f"127.0.0.1:{free_port()}",
+    )
+    output = clashing.stdout + clashing.stderr
+    assert clashing.returncode == 2, output[-2000:]
+    assert f"({port + 1}-{port + 2})" in output and "do not overlap" in output
+
+    settings = Settings.from_environment(
+        **agent,
+        HEALTHAGENT_METRICS_LISTEN=f"127.0.0.1:{port}",
+        HEALTHAGENT_AGENT_METRICS_LISTEN=f"127.0.0.1:{port + 2}",
+    )
+    assert worker_problems(settings) == []  # 9464-9465 and 9466-9467 do not meet
 
 
 def test_a_second_group_of_workers_cannot_share_the_port(

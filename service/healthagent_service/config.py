@@ -346,7 +346,8 @@ class AgentSettings(SettingsGroup):
         description="`HOST:PORT` of the agent server's Prometheus `/metrics` endpoint (e.g. "
         "`127.0.0.1:9465`); empty: off. A non-loopback host needs "
         "HEALTHAGENT_CHATKIT_AUTH_HEADER. With `serve --workers`, worker *i*'s agent child "
-        "serves on `PORT + i`.",
+        "serves on `PORT + i`, and `serve` refuses to start when that range overlaps "
+        "HEALTHAGENT_METRICS_LISTEN's (e.g. 9464 and 9465 with two workers).",
     )
     tracing: bool = Field(
         default=False,

@@ -44,6 +44,7 @@ _HEALTHY_AFTER_SECONDS = 60.0  # a worker up this long restarts with the first d
 _STARTING_SECONDS = 30.0  # exit status CANNOT_START this soon after a first start: settings
 _MAX_QUICK_FAILURES = 5  # a worker dying this often in a row, each before it was healthy
 _EXTRA_STOP_SECONDS = 15.0  # beyond the workers' own drain and grace periods
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})  # every address: meets any other host
 
 
 def worker_problems(settings: Settings) -> list[str]:
@@ -62,7 +63,34 @@ def worker_problems(settings: Settings) -> list[str]:
             "HEALTHAGENT_REDIS_URL to share them, or turn them off "
             "(HEALTHAGENT_RATE_LIMIT_PER_MINUTE=0, HEALTHAGENT_MAX_STREAMS_PER_USER=0)"
         )
+    clash = _metrics_port_clash(settings)
+    if clash:
+        problems.append(clash)
     return problems
+
+
+def _metrics_port_clash(settings: Settings) -> str | None:
+    """Worker *i* serves /metrics on PORT + i, and so does its agent child on the agent's
+    port: two ranges of `workers` ports that must not overlap, or a worker cannot start."""
+    service, agent = settings.server.metrics_listen, settings.agent.metrics_listen
+    if not (settings.upstream.supervises_agent and service and agent):
+        return None
+    (service_host, service_port), (agent_host, agent_port) = (
+        parse_listen(service),
+        parse_listen(agent),
+    )
+    hosts_meet = service_host == agent_host or bool({service_host, agent_host} & _ANY_HOST)
+    count = settings.server.workers
+    if not (service_port and agent_port and hosts_meet):
+        return None  # a port picked by the kernel, or addresses that cannot clash
+    if abs(service_port - agent_port) >= count:
+        return None
+    return (
+        f"each worker serves /metrics on HEALTHAGENT_METRICS_LISTEN's port plus its index "
+        f"({service_port}-{service_port + count - 1}) and its agent child on "
+        f"HEALTHAGENT_AGENT_METRICS_LISTEN's ({agent_port}-{agent_port + count - 1}): "
+        f"move one so that the two ranges do not overlap"
+    )
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2) option, Linux
