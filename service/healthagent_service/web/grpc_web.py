@@ -1,9 +1,9 @@
 """gRPC-Web (binary and text) in front of the gRPC server, for browsers and Flutter web.
 
-Each call is forwarded, bytes in and bytes out, to this process's own gRPC server over a private
-channel (an abstract Unix socket on Linux), so authentication, validation, limits, history,
-metrics and the `google.rpc` error details stay the one code path that exists (grpc/grpc
-`doc/PROTOCOL-WEB.md`):
+Each call is forwarded, bytes in and bytes out, to this process's own gRPC server over its
+private socket (`forwarding.py`; an abstract Unix socket on Linux), so authentication,
+validation, limits, history, metrics and the `google.rpc` error details stay the one code path
+that exists (grpc/grpc `doc/PROTOCOL-WEB.md`):
 
 - the request body is one 5-byte-framed message (base64 of it in text mode);
 - headers become gRPC metadata, `grpc-timeout` the call's deadline;
@@ -23,7 +23,6 @@ import contextlib
 import re
 import struct
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -34,6 +33,7 @@ from grpc_health.v1 import health_pb2
 from healthagent.v1 import health_agent_pb2 as pb
 from healthagent_service.api.status import to_status
 from healthagent_service.errors import FieldViolation, invalid_argument
+from healthagent_service.web.forwarding import ForwardedCall, ForwardingChannel, Metadata
 
 log = structlog.get_logger(__name__)
 
@@ -84,27 +84,18 @@ _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-@dataclass(frozen=True, slots=True)
-class Method:
-    """A method the bridge serves: its full path and whether the server streams."""
-
-    path: str
-    server_streaming: bool
-
-
-def served_methods() -> dict[str, Method]:
-    """Every HealthAgent RPC, and the health check (for probes through the same port)."""
-    methods: dict[str, Method] = {}
-    for service in (
-        pb.DESCRIPTOR.services_by_name["HealthAgent"],
-        health_pb2.DESCRIPTOR.services_by_name["Health"],
-    ):
-        for method in service.methods:
-            if method.client_streaming:
-                continue  # gRPC-Web has no client streaming; this API has none
-            path = f"/{service.full_name}/{method.name}"
-            methods[path] = Method(path, method.server_streaming)
-    return methods
+def served_paths() -> frozenset[str]:
+    """Every HealthAgent RPC, and the health check (for probes through the same port), by
+    path: unary and server-streaming calls are forwarded alike."""
+    return frozenset(
+        f"/{service.full_name}/{method.name}"
+        for service in (
+            pb.DESCRIPTOR.services_by_name["HealthAgent"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        )
+        for method in service.methods
+        if not method.client_streaming  # gRPC-Web has no client streaming; this API has none
+    )
 
 
 class BadWebRequest(Exception):  # noqa: N818 - the client's fault, answered as a status
@@ -208,29 +199,16 @@ def call_metadata(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str | b
 class GrpcWebBridge:
     """Serves gRPC-Web calls by forwarding them to `channel` (this process's gRPC server)."""
 
-    def __init__(self, channel: grpc.aio.Channel, max_request_bytes: int) -> None:
+    def __init__(self, channel: ForwardingChannel, max_request_bytes: int) -> None:
         self._channel = channel
-        self._methods = served_methods()
+        self._paths = served_paths()
         self._max_request_bytes = max_request_bytes
-        self._callables: dict[str, Any] = {}
 
     def serves(self, path: str) -> bool:
-        return path in self._methods
-
-    def _callable(self, method: Method) -> Any:
-        found = self._callables.get(method.path)
-        if found is None:
-            # no serializers: bytes pass through untouched
-            found = (
-                self._channel.unary_stream(method.path)
-                if method.server_streaming
-                else self._channel.unary_unary(method.path)
-            )
-            self._callables[method.path] = found
-        return found
+        return path in self._paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = self._methods[scope["path"]]
+        path = scope["path"]
         content_type = _CONTENT_TYPES.get(
             dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").split(";")[0]
         )
@@ -247,16 +225,14 @@ class GrpcWebBridge:
         except BadWebRequest as exc:
             await reply.fail(_bad_request(str(exc)))
             return
-        call = self._callable(method)(request, metadata=metadata, timeout=timeout)
+        # bytes in, bytes out: a unary call is one message, then the status
+        call = await self._channel.call(path, request, metadata, timeout)
         # the browser leaving is a disconnect on `receive`: cancel the call, closing upstream
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, call))
         try:
-            if method.server_streaming:
-                async for message in call:
-                    await reply.message(message, call)
-            else:
-                await reply.message(await call, call)
-            await reply.finish(grpc.StatusCode.OK, "", tuple(await call.trailing_metadata()))
+            while (message := await call.read()) is not None:
+                await reply.message(message, call.initial_metadata())
+            await reply.finish(grpc.StatusCode.OK, "", call.trailing_metadata())
         except grpc.aio.AioRpcError as error:
             await reply.finish(
                 error.code(), error.details() or "", tuple(error.trailing_metadata())
@@ -289,7 +265,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return bytes(body)
 
 
-async def _cancel_on_disconnect(receive: Receive, call: Any) -> None:
+async def _cancel_on_disconnect(receive: Receive, call: ForwardedCall) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     call.cancel()
@@ -330,10 +306,9 @@ class _Reply:
             data = base64.b64encode(data)
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
-    async def message(self, message: bytes, call: Any) -> None:
-        if not self._started:  # the call's initial metadata, asked once: headers go once
-            initial = await call.initial_metadata()
-            await self._start([(k.lower(), _header_value(v)) for k, v in initial or ()])
+    async def message(self, message: bytes, initial: Metadata) -> None:
+        if not self._started:  # the call's initial metadata: headers go once
+            await self._start([(k.lower(), _header_value(v)) for k, v in initial])
         await self._body(frame(message), more=True)
 
     async def finish(

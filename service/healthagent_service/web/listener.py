@@ -17,7 +17,6 @@ from collections.abc import AsyncGenerator, Generator
 from importlib import resources
 from typing import Any
 
-import grpc
 import structlog
 import uvicorn
 from starlette.middleware.cors import CORSMiddleware
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from healthagent_service.listen import is_loopback
+from healthagent_service.web.forwarding import ForwardingChannel
 from healthagent_service.web.grpc_web import GrpcWebBridge, Receive, Scope, Send
 from healthagent_service.web.seed_contract import (
     HEARTBEAT,
@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 SEED_PATH = "/functions/v1/health-agent"
 MAX_SEED_BODY_BYTES = 1024 * 1024
+RESPONSE_MESSAGE_LIMIT = 8 * 1024 * 1024  # the largest response message taken from the server
 ALLOWED_HEADERS = [
     "authorization",
     "content-type",
@@ -63,7 +64,7 @@ class WebApp:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: ForwardingChannel,
         *,
         max_message_bytes: int,
         demo: bool,
@@ -202,7 +203,11 @@ class HttpListener:
     """The listener's socket, uvicorn server and private channel to the gRPC server."""
 
     def __init__(
-        self, server: uvicorn.Server, task: asyncio.Task[None], channel: grpc.aio.Channel, port: int
+        self,
+        server: uvicorn.Server,
+        task: asyncio.Task[None],
+        channel: ForwardingChannel,
+        port: int,
     ) -> None:
         self._server = server
         self._task = task
@@ -257,13 +262,7 @@ async def start_http_listener(
 ) -> HttpListener:
     """Listen on host:port (0 picks one: see `HttpListener.port`), forwarding to the gRPC
     server's private port at `grpc_target` (a channel target)."""
-    channel = grpc.aio.insecure_channel(
-        grpc_target,
-        options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            ("grpc.max_send_message_length", 4 * max_message_bytes + 64 * 1024),
-        ],
-    )
+    channel = ForwardingChannel(grpc_target, max_message_bytes=RESPONSE_MESSAGE_LIMIT)
     app: Any = WebApp(
         channel,
         max_message_bytes=max_message_bytes,

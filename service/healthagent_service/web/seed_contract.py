@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from healthagent.v1 import health_agent_pb2 as pb
-from healthagent.v1 import health_agent_pb2_grpc as pb_grpc
+from healthagent_service.web.forwarding import ForwardedCall, ForwardingChannel
 
 # how long the first event may take before the 200 and heartbeats go out: refusals (auth,
 # validation, limits) come at once; an upstream's slow first token must not let proxies and load
@@ -59,6 +59,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 _FORWARDED_HEADERS = ("authorization", "x-request-id")
+CHAT = "/healthagent.v1.HealthAgent/Chat"
+MINT_SESSION = "/healthagent.v1.HealthAgent/MintSession"
 
 
 class ContractError(Exception):
@@ -147,8 +149,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 class SeedContract:
     """Answers the seeds' requests through a HealthAgent stub on the private channel."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = pb_grpc.HealthAgentStub(channel)
+    def __init__(self, channel: ForwardingChannel) -> None:
+        self._channel = channel
 
     async def answer(
         self, body: dict[str, Any], headers: Mapping[str, str]
@@ -217,45 +219,41 @@ class SeedContract:
         self, request: pb.MintSessionRequest, metadata: tuple[tuple[str, str], ...]
     ) -> pb.MintSessionResponse:
         try:
-            minted: pb.MintSessionResponse = await self._stub.MintSession(
-                request, metadata=metadata
-            )
-            return minted
+            answer = await self._channel.unary(MINT_SESSION, request.SerializeToString(), metadata)
         except grpc.aio.AioRpcError as error:
             raise _http_error(error) from None
+        return pb.MintSessionResponse.FromString(answer)
 
     async def _chat(
         self, request: pb.ChatRequest, metadata: tuple[tuple[str, str], ...]
     ) -> AsyncGenerator[bytes, None]:
-        call = self._stub.Chat(request, metadata=metadata)
-        events = call.__aiter__()
-        first = asyncio.ensure_future(anext(events))
+        call = await self._channel.call(CHAT, request.SerializeToString(), metadata)
+        first = asyncio.ensure_future(call.read())
         done, _ = await asyncio.wait({first}, timeout=FIRST_EVENT_WAIT_SECONDS)
         if done:
             try:
                 first.result()
             except grpc.aio.AioRpcError as error:
                 raise _http_error(error) from None
-            except StopAsyncIteration:
-                pass
-        return _sse(call, events, first)
+        return _sse(call, first)
 
 
-async def _sse(call: Any, events: Any, first: asyncio.Future[Any]) -> AsyncGenerator[bytes, None]:
+async def _sse(
+    call: ForwardedCall, first: asyncio.Future[bytes | None]
+) -> AsyncGenerator[bytes, None]:
     """The SSE body: the seed's events as the call yields them, read in the writer's own task
     (a reader task and a queue between them cost a task switch and a loop turn a chunk, 3 ms
     at p50 with 100 streams; docs/decisions/0008-http-listener-loopback-hop.md). Nothing is
-    read ahead of a slow HTTP client: gRPC's flow control reaches the service, whose stall limit
-    applies. Heartbeats are the writer's (`listener.write_event_stream`)."""
+    read ahead of a slow HTTP client: the call's flow control reaches the service, whose stall
+    limit applies. Heartbeats are the writer's (`listener.write_event_stream`)."""
     writer = _SeedEvents()
     try:
         try:
-            event = await first
-            while True:
-                for piece in writer.translate(event):
+            message = await first
+            while message is not None:
+                for piece in writer.translate(pb.ChatResponse.FromString(message)):
                     yield piece
-                event = await anext(events)
-        except StopAsyncIteration:
+                message = await call.read()
             yield writer.done()
         except grpc.aio.AioRpcError as error:
             yield writer.error(error)
