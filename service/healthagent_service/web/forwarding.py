@@ -2,12 +2,13 @@
 process's own gRPC server, over its private socket (HTTP/2, `grpc-timeout`, RST_STREAM on
 cancel, the server's status and trailing metadata as it sent them).
 
-`h2` keeps the protocol: settings, pings, headers, trailers, resets, GOAWAY, the request's flow
-control. The DATA frames of open responses are read here, straight into their call's buffer.
-Every forwarded chunk is such a frame, and what reading one costs is most of what the hop adds
-to a chunk: grpc.aio's client spent a completion-queue event, a hop through gRPC's poller
-thread and a future on it, and `h2`'s frame state machine 41 us; a frame read here costs about
-3 us (docs/decisions/0008-http-listener-loopback-hop.md).
+`h2` keeps the protocol: settings, pings, headers and trailers, resets, the request's flow
+control. The DATA frames of open responses are read here, straight into their call's buffer:
+every forwarded chunk is one, and reading it was most of what the hop added to a chunk.
+grpc.aio's client spent a completion-queue event, a hop through gRPC's poller thread and a
+future on each, `h2`'s frame state machine 41 us; read here, a frame costs about 3 us
+(docs/decisions/0008-http-listener-loopback-hop.md). GOAWAY is read here too: `h2` closes the
+whole connection on it, where the streams the server took must run to their ends.
 
 Flow control is each call's backpressure. A response's bytes are credited back to the server as
 they arrive while less than `HIGH_WATER` of whole messages waits to be read, and only as they
@@ -80,7 +81,10 @@ def _metadata(headers: Iterable[tuple[str, str]]) -> Metadata:
         if name.startswith(":") or name in _NOT_METADATA:
             continue
         if name.endswith("-bin"):
-            pairs.append((name, base64.b64decode(value + "=" * (-len(value) % 4))))
+            try:
+                pairs.append((name, base64.b64decode(value + "=" * (-len(value) % 4))))
+            except ValueError:  # not base64 after all: passed on as it came
+                pairs.append((name, value))
         else:
             pairs.append((name, value))
     return tuple(pairs)
@@ -489,7 +493,7 @@ class ForwardingChannel:
         metadata: Sequence[tuple[str, str | bytes]] = (),
         timeout: float | None = None,
     ) -> ForwardedCall:
-        """Start a call; its failures (none to connect included) come from its `read`."""
+        """Start a call; its failures, failing to connect included, come from its `read`."""
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
