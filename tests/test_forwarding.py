@@ -116,6 +116,24 @@ async def test_metadata_messages_and_status_come_through_both_ways() -> None:
         await server.stop(None)
 
 
+async def test_metadata_http2_cannot_carry_is_refused_without_quoting_it() -> None:
+    echo, address = _Echo(), _address()
+    server = await _server(echo, address)
+    channel = ForwardingChannel(address, max_message_bytes=1024)
+    try:
+        in_flight = asyncio.ensure_future(channel.unary(SLEEP, b"0.5"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary(ECHO, b"x", [("te", "sk-secret-token")])  # only "trailers"
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "sk-secret-token" not in str(refused.value)  # h2's own words quote it
+        assert await channel.unary(ECHO, b"still") == b"still"  # a new connection
+        assert await asyncio.wait_for(in_flight, 5) == b"slept"  # the old one's call goes on
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
 async def test_messages_past_every_window_arrive_whole() -> None:
     """A 3 MiB request (the server's first window is 64 KiB) and a 6 MiB answer (the stream
     window is 1 MiB): partial messages earn credit, or neither could ever finish."""

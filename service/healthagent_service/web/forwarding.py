@@ -402,8 +402,15 @@ class _Connection(asyncio.Protocol):
         stream_id = self._h2.get_next_available_stream_id()
         try:
             self._h2.send_headers(stream_id, call.request_headers)
-        except h2.exceptions.ProtocolError as error:  # metadata HTTP/2 cannot carry
-            call.finish(_error(grpc.StatusCode.INVALID_ARGUMENT, f"bad metadata: {error}"))
+        except h2.exceptions.ProtocolError:  # metadata HTTP/2 cannot carry
+            # not h2's words: they quote the value, which may be the caller's credential
+            call.finish(
+                _error(grpc.StatusCode.INVALID_ARGUMENT, "request metadata HTTP/2 cannot carry")
+            )
+            # h2 may have changed its HPACK table for headers it never sent: no more HEADERS
+            # on this connection (the calls on it go on; nothing of theirs needs HPACK)
+            self.usable = False
+            self._close_if_drained()
             return
         call.connection, call.stream_id = self, stream_id
         self._calls[stream_id] = call
