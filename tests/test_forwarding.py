@@ -5,6 +5,7 @@ flow-control window, backpressure, deadlines, cancellation, GOAWAY and a server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -89,15 +90,27 @@ async def _server(echo: _Echo, address: str, **options: int) -> grpc.aio.Server:
     return server
 
 
+@contextlib.asynccontextmanager
+async def _running(
+    max_message_bytes: int, **options: int
+) -> AsyncIterator[tuple[_Echo, str, ForwardingChannel]]:
+    """A test server on a fresh abstract socket, and a channel to it."""
+    echo, address = _Echo(), _address()
+    server = await _server(echo, address, **options)
+    channel = ForwardingChannel(address, max_message_bytes=max_message_bytes)
+    try:
+        yield echo, address, channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
 def _address() -> str:
     return f"unix-abstract:healthagent-forwarding-test-{secrets.token_hex(6)}"
 
 
 async def test_metadata_messages_and_status_come_through_both_ways() -> None:
-    echo, address = _Echo(), _address()
-    server = await _server(echo, address)
-    channel = ForwardingChannel(address, max_message_bytes=8 * 1024 * 1024)
-    try:
+    async with _running(8 * 1024 * 1024) as (echo, _, channel):
         call = await channel.call(ECHO, b"ping", [("x-plain", "a b"), ("x-id-bin", b"\x00\x01")])
         assert await call.read() == b"ping"
         assert await call.read() is None
@@ -111,16 +124,10 @@ async def test_metadata_messages_and_status_come_through_both_ways() -> None:
         assert failed.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert failed.value.details() == "nope: 100% / é"
         assert dict(failed.value.trailing_metadata())["x-why-bin"] == b"\x00\xff"
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_metadata_http2_cannot_carry_is_refused_without_quoting_it() -> None:
-    echo, address = _Echo(), _address()
-    server = await _server(echo, address)
-    channel = ForwardingChannel(address, max_message_bytes=1024)
-    try:
+    async with _running(1024) as (_, _, channel):
         in_flight = asyncio.ensure_future(channel.unary(SLEEP, b"0.5"))
         await asyncio.sleep(0.1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -129,18 +136,12 @@ async def test_metadata_http2_cannot_carry_is_refused_without_quoting_it() -> No
         assert "sk-secret-token" not in str(refused.value)  # h2's own words quote it
         assert await channel.unary(ECHO, b"still") == b"still"  # a new connection
         assert await asyncio.wait_for(in_flight, 5) == b"slept"  # the old one's call goes on
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_messages_past_every_window_arrive_whole() -> None:
     """A 3 MiB request (the server's first window is 64 KiB) and a 6 MiB answer (the stream
     window is 1 MiB): partial messages earn credit, or neither could ever finish."""
-    echo, address = _Echo(), _address()
-    server = await _server(echo, address)
-    channel = ForwardingChannel(address, max_message_bytes=8 * 1024 * 1024)
-    try:
+    async with _running(8 * 1024 * 1024) as (_, address, channel):
         request = secrets.token_bytes(3 * 1024 * 1024)
         assert await asyncio.wait_for(channel.unary(ECHO, request), 20) == request
         answer = await asyncio.wait_for(channel.unary(ECHO, b"size:%d" % (6 * 1024 * 1024)), 20)
@@ -151,19 +152,13 @@ async def test_messages_past_every_window_arrive_whole() -> None:
             await small.unary(ECHO, b"size:4096")
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         await small.close()
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_a_reader_that_stops_stalls_the_servers_writes() -> None:
     """Nothing is read ahead of a slow HTTP client: with no reads, the server can write about
     one stream window plus the high-water mark, and no more; reading again takes the rest."""
-    echo, address = _Echo(), _address()
-    server = await _server(echo, address)
-    channel = ForwardingChannel(address, max_message_bytes=8 * 1024 * 1024)
     total = 200  # 12.5 MiB in 64 KiB messages
-    try:
+    async with _running(8 * 1024 * 1024) as (echo, _, channel):
         call = await channel.call(STREAM, str(total).encode())
         await asyncio.sleep(1.5)
         ceiling = (STREAM_WINDOW + HIGH_WATER) // BIG_STREAM_MESSAGE + 8  # + gRPC's own buffers
@@ -173,16 +168,10 @@ async def test_a_reader_that_stops_stalls_the_servers_writes() -> None:
             assert message[:4] == received.to_bytes(4, "big")
             received += 1
         assert received == total == echo.written
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_deadline_and_cancel_reach_the_server() -> None:
-    echo, address = _Echo(), _address()
-    server = await _server(echo, address)
-    channel = ForwardingChannel(address, max_message_bytes=1024)
-    try:
+    async with _running(1024) as (echo, _, channel):
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await asyncio.wait_for(channel.unary(SLEEP, b"30", timeout=0.5), 10)
         assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
@@ -198,22 +187,13 @@ async def test_deadline_and_cancel_reach_the_server() -> None:
             await asyncio.wait_for(reading, 5)
         assert cancelled.value.code() is grpc.StatusCode.CANCELLED
         await asyncio.wait_for(echo.cancelled.wait(), 5)  # the handler was cancelled too
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_calls_go_on_across_the_servers_goaway() -> None:
     """A server with a maximum connection age sends GOAWAY every half second: calls started
     after it go on a new connection, and none fails."""
-    echo, address = _Echo(), _address()
-    server = await _server(
-        echo,
-        address,
-        **{"grpc.max_connection_age_ms": 300, "grpc.max_connection_age_grace_ms": 5000},
-    )
-    channel = ForwardingChannel(address, max_message_bytes=1024)
-    try:
+    age = {"grpc.max_connection_age_ms": 300, "grpc.max_connection_age_grace_ms": 5000}
+    async with _running(1024, **age) as (_, _, channel):
         loop = asyncio.get_running_loop()
         finish = loop.time() + 2.0
         answered = 0
@@ -223,9 +203,6 @@ async def test_calls_go_on_across_the_servers_goaway() -> None:
             answered += 20
             await asyncio.sleep(0.05)
         assert answered >= 200
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_a_server_that_goes_away_fails_calls_unavailable_then_is_reached_again() -> None:
