@@ -37,6 +37,8 @@ import h2.exceptions
 import h2.settings
 import structlog
 
+from healthagent_service.listen import parse_listen
+
 log = structlog.get_logger(__name__)
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -392,8 +394,7 @@ class _Connection(asyncio.Protocol):
         self.usable = False
         for stream_id in [s for s in self._calls if s > last_stream_id]:
             self._calls.pop(stream_id).on_connection_gone(refused=True)
-        if not self._calls:
-            self.close()
+        self._close_if_drained()
 
     async def start(self, call: ForwardedCall) -> None:
         """Send the call's headers and request on this connection."""
@@ -488,7 +489,7 @@ class ForwardingChannel:
         self._authority = authority
         self._max_message_bytes = max_message_bytes
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = asyncio.Lock()
         self._draining: set[_Connection] = set()
         self._retrying: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -571,8 +572,6 @@ class ForwardingChannel:
             raise OSError("the HTTP listener is stopping")
         if self._connection is not None and self._connection.usable:
             return self._connection
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._connection is not None and self._connection.usable:
                 return self._connection
@@ -587,10 +586,8 @@ class ForwardingChannel:
                     lambda: _Connection(self), path=path
                 )
             else:
-                host, _, port = self._target.rpartition(":")
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self), host.strip("[]"), int(port)
-                )
+                host, port = parse_listen(self._target)
+                _, connection = await loop.create_connection(lambda: _Connection(self), host, port)
             self._connection = connection
             return connection
 

@@ -60,8 +60,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 _FORWARDED_HEADERS = ("authorization", "x-request-id")
-CHAT = "/healthagent.v1.HealthAgent/Chat"
-MINT_SESSION = "/healthagent.v1.HealthAgent/MintSession"
+_CHAT = "/healthagent.v1.HealthAgent/Chat"
+_MINT_SESSION = "/healthagent.v1.HealthAgent/MintSession"
 
 
 class ContractError(Exception):
@@ -152,7 +152,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 class SeedContract:
-    """Answers the seeds' requests through a HealthAgent stub on the private channel."""
+    """Answers the seeds' requests with gRPC calls through the listener's `ForwardingChannel`."""
 
     def __init__(self, channel: ForwardingChannel) -> None:
         self._channel = channel
@@ -224,7 +224,7 @@ class SeedContract:
         self, request: pb.MintSessionRequest, metadata: tuple[tuple[str, str], ...]
     ) -> pb.MintSessionResponse:
         try:
-            answer = await self._channel.unary(MINT_SESSION, request.SerializeToString(), metadata)
+            answer = await self._channel.unary(_MINT_SESSION, request.SerializeToString(), metadata)
         except grpc.aio.AioRpcError as error:
             raise _http_error(error) from None
         return pb.MintSessionResponse.FromString(answer)
@@ -232,7 +232,7 @@ class SeedContract:
     async def _chat(
         self, request: pb.ChatRequest, metadata: tuple[tuple[str, str], ...]
     ) -> AsyncGenerator[bytes, None]:
-        call = await self._channel.call(CHAT, request.SerializeToString(), metadata)
+        call = await self._channel.call(_CHAT, request.SerializeToString(), metadata)
         first = asyncio.ensure_future(call.read())
         done, _ = await asyncio.wait({first}, timeout=FIRST_EVENT_WAIT_SECONDS)
         if done:
